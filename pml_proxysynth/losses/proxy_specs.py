@@ -1,0 +1,88 @@
+"""Where each supported PML loss keeps its class proxies: the one table the wrapper reads.
+
+Supporting a new proxy loss is one entry in ``PROXY_SPECS``. Subclasses of a listed loss are
+supported through the entry of their nearest listed ancestor.
+"""
+
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Optional, Tuple, Type
+
+import torch
+from pytorch_metric_learning import losses
+
+# An attribute that hard-codes the class count, and how to compute its value for n classes.
+ClassCountPatch = Callable[[int], object]
+
+
+def _count(n: int) -> int:
+    return n
+
+
+def _arange(n: int) -> torch.Tensor:
+    return torch.arange(n)
+
+
+@dataclass(frozen=True)
+class ProxySpec:
+    """How one loss class stores its proxies.
+
+    param: name of the proxy ``nn.Parameter``.
+    classes_on_rows: True for a [C*k, D] parameter, False for [D, C*k]. Multi-centre
+        losses are class-major: rows (or columns) c*k ... c*k+k-1 belong to class c.
+    centers_attr: attribute holding k, the number of centres per class (None: k = 1).
+    class_count_attrs: attributes that hard-code the class count; the wrapper sets them
+        for C + M classes for the duration of one call.
+    """
+
+    param: str
+    classes_on_rows: bool
+    centers_attr: Optional[str] = None
+    class_count_attrs: Dict[str, ClassCountPatch] = field(default_factory=dict)
+
+
+_NUM_CLASSES = {"num_classes": _count}
+_LARGE_MARGIN = ProxySpec("W", classes_on_rows=False, class_count_attrs=_NUM_CLASSES)
+
+PROXY_SPECS: Dict[Type[torch.nn.Module], ProxySpec] = {
+    losses.ProxyAnchorLoss: ProxySpec(
+        "proxies", classes_on_rows=True, class_count_attrs=_NUM_CLASSES
+    ),
+    losses.ProxyNCALoss: ProxySpec(
+        "proxies", classes_on_rows=True, class_count_attrs={"proxy_labels": _arange}
+    ),
+    losses.NormalizedSoftmaxLoss: ProxySpec("W", classes_on_rows=False),
+    losses.SoftTripleLoss: ProxySpec(
+        "fc",
+        classes_on_rows=False,
+        centers_attr="centers_per_class",
+        class_count_attrs=_NUM_CLASSES,
+    ),
+    losses.LargeMarginSoftmaxLoss: _LARGE_MARGIN,
+    losses.ArcFaceLoss: _LARGE_MARGIN,
+    losses.CosFaceLoss: _LARGE_MARGIN,
+    losses.SphereFaceLoss: _LARGE_MARGIN,
+    losses.SubCenterArcFaceLoss: ProxySpec(
+        "W",
+        classes_on_rows=False,
+        centers_attr="sub_centers",
+        class_count_attrs=_NUM_CLASSES,
+    ),
+    losses.P2SGradLoss: ProxySpec(
+        "weight", classes_on_rows=False, class_count_attrs=_NUM_CLASSES
+    ),
+}
+
+
+def supported_loss_names() -> Tuple[str, ...]:
+    return tuple(cls.__name__ for cls in PROXY_SPECS)
+
+
+def find_proxy_spec(loss: torch.nn.Module) -> ProxySpec:
+    """The spec of the most specific listed class in ``type(loss)``'s MRO."""
+    for cls in type(loss).__mro__:
+        if cls in PROXY_SPECS:
+            return PROXY_SPECS[cls]
+    raise TypeError(
+        f"ProxySynthesisLoss cannot wrap {type(loss).__name__}: it supports "
+        f"{', '.join(supported_loss_names())} and their subclasses."
+    )

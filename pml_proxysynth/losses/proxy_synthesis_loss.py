@@ -1,0 +1,291 @@
+"""Proxy Synthesis (Gu, Ko, Kim, AAAI 2021) as a wrapper around a PML proxy loss."""
+
+import contextlib
+import math
+from typing import Iterator, NamedTuple, Optional
+
+import torch
+import torch.nn.functional as F
+from pytorch_metric_learning.losses import BaseMetricLossFunction
+from pytorch_metric_learning.utils import common_functions as c_f
+from torch.func import functional_call
+
+from .proxy_specs import ProxySpec, find_proxy_spec
+
+PAIRINGS = ("random", "roll")
+LAMBDA_MODES = ("batch", "pair")
+
+
+class Synthesis(NamedTuple):
+    """The enlarged set the inner loss is computed on.
+
+    embeddings: [B+M, D] normalised real rows, then the M synthetic rows.
+    labels: [B+M] real labels, then the synthetic labels C, ..., C+M-1.
+    proxies: [C+M, D] (or [C+M, k, D] for multi-centre losses), normalised.
+    lam: the mixing weight: a scalar tensor, or [M] with one weight per pair.
+    pairs: [M, 2] batch indices (i, j); synthetic row m is lam*x_i + (1-lam)*x_j.
+    """
+
+    embeddings: torch.Tensor
+    labels: torch.Tensor
+    proxies: torch.Tensor
+    lam: torch.Tensor
+    pairs: torch.Tensor
+
+
+class ProxySynthesisLoss(BaseMetricLossFunction):
+    """Adds synthetic classes to a PML proxy loss before it runs (Proxy Synthesis).
+
+    For each batch, M = round(mu * B) pairs (i, j) of embeddings of different classes and
+    their class proxies are mixed with the same weight lam ~ Beta(alpha, alpha):
+    x = lam*x_i + (1-lam)*x_j, p = lam*p_{y_i} + (1-lam)*p_{y_j}, each synthetic row its own
+    new class. The unchanged inner loss then runs on the real and synthetic rows and proxies,
+    all L2-normalised. The inner loss is a registered submodule, so its proxies are this
+    module's parameters; it is never modified.
+
+    Args:
+        loss: a supported PML proxy loss (see ``proxy_specs.PROXY_SPECS``).
+        alpha: Beta(alpha, alpha) shape of the mixing weight; > 0.
+        mu: synthetic classes per real sample; >= 0 (0 turns synthesis off).
+        pairing: "random" pairs each row with a random row of another class (works for any
+            batch, e.g. MPerClassSampler's); "roll" is the official pairing of row i with
+            row i-1 (then i-2, ... when mu > 1) and raises if a pair shares a class.
+        lam_per: "batch" draws one lam per batch (the paper); "pair" one per synthetic row.
+        generator: optional ``torch.Generator`` for the pairs and lam; otherwise torch's
+            global RNG, so ``torch.manual_seed`` makes runs reproducible.
+
+    Synthesis is skipped (the bare inner loss is returned) when mu = 0, when the batch has a
+    single class, and in eval mode. ``indices_tuple`` is rejected: PML proxy losses turn it
+    into per-sample weights, which would give every synthetic row weight 0.
+    """
+
+    def __init__(
+        self,
+        loss: BaseMetricLossFunction,
+        alpha: float = 0.4,
+        mu: float = 1.0,
+        pairing: str = "random",
+        lam_per: str = "batch",
+        generator: Optional[torch.Generator] = None,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.spec: ProxySpec = find_proxy_spec(loss)
+        if not alpha > 0:
+            raise ValueError(f"alpha must be > 0, got {alpha}")
+        if not mu >= 0:
+            raise ValueError(f"mu must be >= 0, got {mu}")
+        if pairing not in PAIRINGS:
+            raise ValueError(f"pairing must be one of {PAIRINGS}, got {pairing!r}")
+        if lam_per not in LAMBDA_MODES:
+            raise ValueError(f"lam_per must be one of {LAMBDA_MODES}, got {lam_per!r}")
+        self.loss = loss
+        self.alpha = float(alpha)
+        self.mu = float(mu)
+        self.pairing = pairing
+        self.lam_per = lam_per
+        self.generator = generator
+        self.add_to_recordable_attributes(list_of_names=["alpha", "mu"], is_stat=False)
+        self.add_to_recordable_attributes(
+            list_of_names=["lam", "num_synthetic_classes"], is_stat=True
+        )
+
+    # ------------------------------------------------------------------ public API
+    def synthesize(self, embeddings: torch.Tensor, labels: torch.Tensor) -> Synthesis:
+        """Draws pairs and lam and builds the enlarged, normalised set (see ``Synthesis``).
+
+        Unlike ``forward``, this ignores eval mode, so synthetic classes can be inspected.
+        """
+        labels = c_f.to_device(labels, embeddings)
+        self._check_inputs(embeddings, labels)
+        return self._synthesize(embeddings, labels)
+
+    def num_synthetic_for(self, labels: torch.Tensor) -> int:
+        """M for this batch: round(mu * B), or 0 when the batch holds a single class."""
+        if len(torch.unique(labels)) < 2:
+            return 0
+        return int(math.floor(self.mu * len(labels) + 0.5))
+
+    def get_logits(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """The inner loss's logits over the real classes only."""
+        return self.loss.get_logits(embeddings)
+
+    def loss_on(self, synthesis: Synthesis) -> torch.Tensor:
+        """The unchanged inner loss on an enlarged set, with its proxies swapped in."""
+        num_classes = synthesis.proxies.shape[0]
+        proxies = synthesis.proxies.reshape(-1, synthesis.proxies.shape[-1])
+        param = proxies if self.spec.classes_on_rows else proxies.t()
+        with self._class_count_patched(num_classes):
+            return functional_call(
+                self.loss,
+                {self.spec.param: param},
+                (synthesis.embeddings, synthesis.labels),
+            )
+
+    # ------------------------------------------------------------------ PML hooks
+    def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
+        c_f.labels_required(labels)
+        c_f.ref_not_supported(embeddings, labels, ref_emb, ref_labels)
+        if indices_tuple is not None:
+            raise ValueError(
+                "ProxySynthesisLoss does not accept indices_tuple (miner output): PML proxy "
+                "losses turn it into per-sample weights, which would give every synthetic "
+                "row weight 0. Use a sampler instead of a tuple miner for this loss."
+            )
+        self._check_inputs(embeddings, labels)
+        if not self.training or self.num_synthetic_for(labels) == 0:
+            self._record(None)
+            loss = self.loss(embeddings, labels)
+        else:
+            synthesis = self._synthesize(embeddings, labels)
+            self._record(synthesis)
+            loss = self.loss_on(synthesis)
+        return {
+            "loss": {
+                "losses": loss,
+                "indices": None,
+                "reduction_type": "already_reduced",
+            }
+        }
+
+    # ------------------------------------------------------------------ helpers
+    def _synthesize(self, embeddings: torch.Tensor, labels: torch.Tensor) -> Synthesis:
+        proxies = F.normalize(self._class_proxies(embeddings), dim=-1)
+        num_classes = proxies.shape[0]
+        x = F.normalize(embeddings, dim=1)
+        pairs = self._draw_pairs(labels, self.num_synthetic_for(labels))
+        lam = self._draw_lam(len(pairs), embeddings)
+        weight = lam.reshape(-1, 1) if lam.ndim else lam
+        x_syn = weight * x[pairs[:, 0]] + (1 - weight) * x[pairs[:, 1]]
+        parents = labels[pairs]
+        weight = weight.unsqueeze(-1) if lam.ndim else weight
+        p_syn = weight * proxies[parents[:, 0]] + (1 - weight) * proxies[parents[:, 1]]
+        syn_labels = torch.arange(
+            num_classes, num_classes + len(pairs), device=labels.device
+        )
+        all_proxies = F.normalize(torch.cat([proxies, p_syn]), dim=-1)
+        return Synthesis(
+            embeddings=F.normalize(torch.cat([x, x_syn]), dim=1),
+            labels=torch.cat([labels, syn_labels.to(labels.dtype)]),
+            proxies=all_proxies.squeeze(1)
+            if self._centers_per_class() == 1
+            else all_proxies,
+            lam=lam,
+            pairs=pairs,
+        )
+
+    def _centers_per_class(self) -> int:
+        return (
+            int(getattr(self.loss, self.spec.centers_attr))
+            if self.spec.centers_attr
+            else 1
+        )
+
+    def _class_proxies(self, like: torch.Tensor) -> torch.Tensor:
+        """The inner proxies as [C, k, D] on ``like``'s device, differentiably; in its
+        dtype unless autocast is on (as PML's own ``cast_types``)."""
+        param = getattr(self.loss, self.spec.param).to(like.device)
+        param = c_f.to_dtype(param, dtype=like.dtype)
+        rows = param if self.spec.classes_on_rows else param.t()
+        k = self._centers_per_class()
+        return rows.reshape(rows.shape[0] // k, k, rows.shape[1])
+
+    def _check_inputs(self, embeddings: torch.Tensor, labels: torch.Tensor) -> None:
+        c_f.check_shapes(embeddings, labels)
+        param = getattr(self.loss, self.spec.param)
+        dim = param.shape[1] if self.spec.classes_on_rows else param.shape[0]
+        if embeddings.ndim != 2 or embeddings.shape[1] != dim:
+            raise ValueError(
+                f"embeddings must have shape [B, {dim}] to match the proxies of "
+                f"{type(self.loss).__name__}, got {list(embeddings.shape)}"
+            )
+        if labels.dtype.is_floating_point or labels.dtype == torch.bool:
+            raise ValueError(f"labels must be integers, got dtype {labels.dtype}")
+        num_classes = param.numel() // dim // self._centers_per_class()
+        if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
+            raise ValueError(
+                f"labels must lie in [0, {num_classes}) for a loss with {num_classes} "
+                f"classes, got labels from {labels.min().item()} to {labels.max().item()}"
+            )
+        if not torch.isfinite(embeddings).all():
+            raise ValueError("embeddings contain NaN or inf")
+
+    def _draw_pairs(self, labels: torch.Tensor, num_pairs: int) -> torch.Tensor:
+        """[num_pairs, 2] batch indices of different-class pairs."""
+        batch_size = len(labels)
+        rounds = math.ceil(num_pairs / batch_size) if batch_size else 0
+        if self.pairing == "roll":
+            index = torch.arange(batch_size, device=labels.device)
+            first = index.repeat(rounds)
+            shift = torch.arange(1, rounds + 1, device=labels.device).repeat_interleave(
+                batch_size
+            )
+            pairs = torch.stack([first, (first - shift) % batch_size], dim=1)[
+                :num_pairs
+            ]
+            same = labels[pairs[:, 0]] == labels[pairs[:, 1]]
+            if same.any():
+                i, j = pairs[same.nonzero()[0, 0]].tolist()
+                raise ValueError(
+                    f"pairing='roll' pairs rows {i} and {j}, which share class "
+                    f"{labels[i].item()}; reorder the batch so that these rows differ, or "
+                    "use pairing='random'"
+                )
+            return pairs
+        device = self.generator.device if self.generator is not None else labels.device
+        on_device = labels.to(device)
+        first = torch.cat(
+            [
+                torch.randperm(batch_size, generator=self.generator, device=device)
+                for _ in range(rounds)
+            ]
+        )[:num_pairs]
+        scores = torch.rand(
+            num_pairs, batch_size, generator=self.generator, device=device
+        )
+        scores[on_device[first].unsqueeze(1) == on_device.unsqueeze(0)] = -1
+        pairs = torch.stack([first, scores.argmax(dim=1)], dim=1)
+        return pairs.to(labels.device)
+
+    def _draw_lam(self, num_pairs: int, like: torch.Tensor) -> torch.Tensor:
+        shape = (num_pairs,) if self.lam_per == "pair" else ()
+        beta = torch.distributions.Beta(
+            torch.tensor(self.alpha, dtype=torch.float64),
+            torch.tensor(self.alpha, dtype=torch.float64),
+        )
+        with self._rng_from_generator():
+            lam = beta.sample(shape)
+        return lam.to(device=like.device, dtype=like.dtype)
+
+    @contextlib.contextmanager
+    def _rng_from_generator(self) -> Iterator[None]:
+        """Seeds a forked CPU RNG from ``self.generator`` (Beta sampling takes none)."""
+        if self.generator is None:
+            yield
+            return
+        seed = torch.randint(
+            2**62, (), generator=self.generator, device=self.generator.device
+        ).item()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            yield
+
+    @contextlib.contextmanager
+    def _class_count_patched(self, num_classes: int) -> Iterator[None]:
+        saved = {name: getattr(self.loss, name) for name in self.spec.class_count_attrs}
+        try:
+            for name, value_for in self.spec.class_count_attrs.items():
+                setattr(self.loss, name, value_for(num_classes))
+            yield
+        finally:
+            for name, value in saved.items():
+                setattr(self.loss, name, value)
+
+    def _record(self, synthesis: Optional[Synthesis]) -> None:
+        if not self.collect_stats:
+            return
+        if synthesis is None:
+            self.num_synthetic_classes, self.lam = 0, 0
+        else:
+            self.num_synthetic_classes = len(synthesis.pairs)
+            self.lam = synthesis.lam.float().mean().item()
