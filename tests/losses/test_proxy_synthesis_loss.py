@@ -332,6 +332,18 @@ class TestBareLossCases(unittest.TestCase):
         self.assertFalse(hasattr(quiet, "num_synthetic_classes"))
 
 
+def seeded_loss_function(wrapper, generator, param_name, labels):
+    """loss(embeddings, proxies) with the same pairs and lam on every evaluation."""
+
+    def loss_of(embeddings, proxies):
+        generator.manual_seed(0)
+        return torch.func.functional_call(
+            wrapper, {param_name: proxies}, (embeddings, labels)
+        )
+
+    return loss_of
+
+
 class TestGradientsAndState(unittest.TestCase):
     def test_gradcheck(self):
         for name in ("ProxyAnchorLoss", "NormalizedSoftmaxLoss", "SoftTripleLoss"):
@@ -343,13 +355,7 @@ class TestGradientsAndState(unittest.TestCase):
                 param_name, param = next(iter(wrapper.named_parameters()))
                 labels = torch.tensor([0, 1, 2, 1, 3], device=TEST_DEVICE)
                 emb = torch.randn(5, 3, dtype=torch.float64, device=TEST_DEVICE)
-
-                def loss_of(e, p):
-                    gen.manual_seed(0)  # the same pairs and lam on every evaluation
-                    return torch.func.functional_call(
-                        wrapper, {param_name: p}, (e, labels)
-                    )
-
+                loss_of = seeded_loss_function(wrapper, gen, param_name, labels)
                 inputs = (emb.requires_grad_(), param.detach().clone().requires_grad_())
                 self.assertTrue(torch.autograd.gradcheck(loss_of, inputs))
 
