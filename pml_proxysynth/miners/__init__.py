@@ -1,1 +1,1 @@
-
+from .shared_characteristics_miner import SharedCharacteristicsMiner

@@ -1,0 +1,339 @@
+"""Inter-class triplet miner of Sharing Matters (Milbich, Roth et al., TPAMI 2020).
+
+A "shared characteristics" triplet (a, p, n) has three pairwise different classes: no
+class-specific feature can explain why p should be closer to a than n is, so a ranking loss
+on such triplets can only be satisfied by features shared across classes. The negative is
+drawn by distance-weighted sampling (Wu et al., "Sampling Matters", 2017), as in the
+authors' DiVA code; see docs algorithms.md B.4.
+"""
+
+import math
+import numbers
+from typing import Optional, Tuple
+
+import torch
+from pytorch_metric_learning.distances import LpDistance
+from pytorch_metric_learning.miners import BaseMiner
+from pytorch_metric_learning.utils import common_functions as c_f
+
+STRATEGIES = ("standard", "full", "random")
+
+# Distances are clamped to [max(cutoff, _DIST_EPS), 2 - _DIST_EPS] before the logs, so
+# duplicates (D = 0 with cutoff 0) and antipodal points (D = 2) get finite weights.
+_DIST_EPS = 1e-4
+# proposals per triplet of the rejection sampler of the uniform positive ("standard")
+_TRIES = 8
+
+
+class SharedCharacteristicsMiner(BaseMiner):
+    """Samples inter-class triplets (y_a, y_p, y_n pairwise different) for the shared head.
+
+    For each anchor, ``triplets_per_anchor`` independent triplets are drawn:
+
+    - negative n: distance-weighted over {j : y_j != y_a}, with probability proportional to
+      the inverse density of pairwise distances on the unit sphere,
+      log w = (2 - d) log D - ((d - 3) / 2) log(1 - D^2 / 4), D clamped below at ``cutoff``;
+    - positive p, from a third class {j : y_j not in {y_a, y_n}}: uniform
+      (``strategy="standard"``) or distance-weighted like n (``strategy="full"``).
+
+    ``strategy="random"`` is the label-shuffle variant of the DiVA code: the batch labels
+    are randomly permuted over positions (one permutation per call), then p is uniform
+    among the other rows with the anchor's pseudo-label and n distance-weighted among rows
+    with a different pseudo-label. In true labels this allows y_a == y_p and even
+    y_a == y_n; only p != a (as a row of the same batch) is guaranteed. With a separate
+    ``ref_emb``, the labels of the query and reference rows are shuffled together.
+
+    Anchors that cannot be served (fewer than two other classes for standard/full, or no
+    pseudo-label partner for random, or no negative below ``nonzero_loss_cutoff``) produce
+    no triplet, so batches with fewer than 3 classes give empty index tensors.
+
+    Embeddings are L2-normalised internally by the distance, which must be
+    ``LpDistance(p=2, power=1, normalize_embeddings=True)`` (the default). Distances and
+    weights are computed on detached values in at least float32 (half-precision inputs
+    are upcast). All work is vectorised on the embeddings' device; indices are drawn by
+    inverse-CDF sampling (cumsum + searchsorted), which is much faster on CPU than
+    ``torch.multinomial``.
+
+    Args:
+        strategy: "standard" (default), "full" or "random".
+        cutoff: lower distance cutoff in [0, 2) against the high variance of the weights
+            of very close pairs (0.5 as in Wu et al. and DiVA).
+        nonzero_loss_cutoff: optional upper cutoff for negatives only: rows at distance
+            >= it are never drawn as negatives (Wu et al. 1.4; disabled in DiVA).
+        triplets_per_anchor: independent triplets drawn per anchor (int >= 1).
+        generator: optional ``torch.Generator`` on the embeddings' device; otherwise
+            torch's global RNG, so ``torch.manual_seed`` reproduces the draws.
+        **kwargs: passed to ``BaseMiner`` (``distance``, ``collect_stats``).
+    """
+
+    def __init__(
+        self,
+        strategy: str = "standard",
+        cutoff: float = 0.5,
+        nonzero_loss_cutoff: Optional[float] = None,
+        triplets_per_anchor: int = 1,
+        generator: Optional[torch.Generator] = None,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        c_f.assert_distance_type(
+            self, LpDistance, p=2, power=1, normalize_embeddings=True
+        )
+        if strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+        if not _is_real(cutoff) or not 0 <= cutoff < 2:
+            raise ValueError(f"cutoff must be a number in [0, 2), got {cutoff!r}")
+        if nonzero_loss_cutoff is not None and (
+            not _is_real(nonzero_loss_cutoff) or not nonzero_loss_cutoff > cutoff
+        ):
+            raise ValueError(
+                "nonzero_loss_cutoff must be None or a number > cutoff "
+                f"({cutoff}), got {nonzero_loss_cutoff!r}"
+            )
+        if (
+            not isinstance(triplets_per_anchor, numbers.Integral)
+            or isinstance(triplets_per_anchor, bool)
+            or triplets_per_anchor < 1
+        ):
+            raise ValueError(
+                f"triplets_per_anchor must be an int >= 1, got {triplets_per_anchor!r}"
+            )
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise ValueError(
+                f"generator must be a torch.Generator or None, got {type(generator)}"
+            )
+        self.strategy = strategy
+        self.cutoff = float(cutoff)
+        self.nonzero_loss_cutoff = (
+            None if nonzero_loss_cutoff is None else float(nonzero_loss_cutoff)
+        )
+        self.triplets_per_anchor = int(triplets_per_anchor)
+        self.generator = generator
+        self.add_to_recordable_attributes(
+            list_of_names=["cutoff", "triplets_per_anchor"], is_stat=False
+        )
+        self.add_to_recordable_attributes(
+            list_of_names=["avg_anchor_positive_dist", "avg_anchor_negative_dist"],
+            is_stat=True,
+        )
+
+    def mine(
+        self,
+        embeddings: torch.Tensor,
+        labels: torch.Tensor,
+        ref_emb: torch.Tensor,
+        ref_labels: torch.Tensor,
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Returns (a, p, n): a indexes ``embeddings``, p and n index ``ref_emb``."""
+        if labels is None or ref_labels is None:
+            raise ValueError("SharedCharacteristicsMiner requires labels")
+        same_ref = ref_emb is embeddings
+        _check_finite(embeddings, "embeddings")
+        if not same_ref:
+            _check_finite(ref_emb, "ref_emb")
+        device = embeddings.device
+        n_query, n_ref = embeddings.shape[0], ref_emb.shape[0]
+        if n_query == 0 or n_ref == 0:
+            return _empty_triplets(device)
+
+        work_dtype = torch.promote_types(embeddings.dtype, torch.float32)
+        emb = embeddings.detach().to(work_dtype)
+        if same_ref:
+            mat = self.distance(emb)
+        else:
+            mat = self.distance(emb, ref_emb.detach().to(work_dtype))
+        log_w = self._log_weights(mat, embeddings.shape[1])
+
+        if self.strategy == "random":
+            labels, ref_labels = self._pseudo_labels(labels, ref_labels, same_ref)
+        same = labels.unsqueeze(1) == ref_labels.unsqueeze(0)
+        k = self.triplets_per_anchor
+        a_idx = torch.arange(n_query, device=device)
+        if k > 1:
+            a_idx = a_idx.repeat_interleave(k)
+
+        # negative: distance-weighted over the other (pseudo-)classes; log_w is only
+        # needed again by "full", so the others mask it in place
+        banned = same
+        if self.nonzero_loss_cutoff is not None:
+            banned = same | (mat >= self.nonzero_loss_cutoff)
+        neg_w = _masked_weights(log_w, banned, inplace=self.strategy != "full")
+        n_idx, has_n = self._sample(neg_w, k)
+        n_idx = n_idx.reshape(-1)
+
+        if self.strategy == "random":
+            if same_ref:  # a row is never its own positive
+                same.fill_diagonal_(False)
+            p_idx, has_p = self._sample_uniform(same, k)
+        elif self.strategy == "standard":
+            p_idx, has_p = self._sample_third_class(
+                same, a_idx, labels[a_idx], ref_labels[n_idx], ref_labels
+            )
+        else:
+            # distance-weighted over the third classes: y_p != y_a and y_p != y_n
+            banned = same if k == 1 else same[a_idx]
+            banned = banned | (
+                ref_labels.unsqueeze(0) == ref_labels[n_idx].unsqueeze(1)
+            )
+            pos_w = _masked_weights(log_w if k == 1 else log_w[a_idx], banned, True)
+            p_idx, has_p = self._sample(pos_w, 1)
+        p_idx = p_idx.reshape(-1)
+        if k > 1:
+            has_n = has_n.repeat_interleave(k)
+            if self.strategy == "random":
+                has_p = has_p.repeat_interleave(k)
+
+        keep = has_n & has_p
+        a_idx, p_idx, n_idx = a_idx[keep], p_idx[keep], n_idx[keep]
+        self._set_stats(mat, a_idx, p_idx, n_idx)
+        return a_idx, p_idx, n_idx
+
+    def _log_weights(self, mat: torch.Tensor, dim: int) -> torch.Tensor:
+        """Log inverse density of unit-sphere distances, up to a constant per row.
+
+        log w = (2 - d) log D - ((d - 3) / 2) log(4 - D^2); the dropped constant
+        ((d - 3) / 2) log 4 cancels when each row is normalised.
+        """
+        dist = mat.clamp(min=max(self.cutoff, _DIST_EPS), max=2.0 - _DIST_EPS)
+        four = torch.tensor(4.0, dtype=dist.dtype, device=dist.device)
+        log_4_minus_sq = torch.addcmul(four, dist, dist, value=-1.0).log_()
+        log_w = dist.log_().mul_(2.0 - dim)
+        return log_w.add_(log_4_minus_sq, alpha=-(dim - 3.0) / 2.0)
+
+    def _pseudo_labels(
+        self, labels: torch.Tensor, ref_labels: torch.Tensor, same_ref: bool
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Randomly permutes the labels over the rows (query and reference together)."""
+        all_labels = labels if same_ref else torch.cat([labels, ref_labels])
+        perm = torch.randperm(
+            len(all_labels), generator=self.generator, device=all_labels.device
+        )
+        shuffled = all_labels[perm]
+        if same_ref:
+            return shuffled, shuffled
+        return shuffled[: len(labels)], shuffled[len(labels) :]
+
+    def _sample(
+        self, weights: torch.Tensor, num_samples: int
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Draws ``num_samples`` column indices per row, proportional to ``weights``.
+
+        Inverse-CDF sampling: a uniform u in [0, total) is located in the row's cumulative
+        sums with searchsorted (first cumsum > u), so zero-weight columns are never drawn.
+        Returns the [R, num_samples] indices and a [R] mask of rows with positive total;
+        indices of the other rows are meaningless (but in range). Overwrites ``weights``.
+        """
+        cdf = weights.cumsum_(dim=1)  # weights are not needed afterwards
+        total = cdf[:, -1:]
+        u = torch.rand(
+            (weights.shape[0], num_samples),
+            generator=self.generator,
+            device=weights.device,
+            dtype=weights.dtype,
+        ).mul_(total)
+        # rand * total can round up to total; keep u strictly below it
+        u = torch.minimum(u, torch.nextafter(total, torch.zeros_like(total)))
+        idx = torch.searchsorted(cdf, u, right=True).clamp_(max=weights.shape[1] - 1)
+        return idx, total.squeeze(1) > 0
+
+    def _sample_uniform(
+        self, mask: torch.Tensor, num_samples: int
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Like ``_sample`` with weights ``mask`` (bool), on integer cumulative counts.
+
+        The r-th allowed column (r uniform in [0, count)) is the first one whose running
+        count exceeds r; this avoids a bool-to-float copy of the mask.
+        """
+        cdf = mask.cumsum(dim=1)
+        count = cdf[:, -1:]
+        u = torch.rand(
+            (mask.shape[0], num_samples), generator=self.generator, device=mask.device
+        )
+        # floor(u * count); the float product can round up to count, hence the clamp
+        r = torch.minimum(u.mul_(count).long(), count - 1)
+        idx = torch.searchsorted(cdf, r, right=True).clamp_(max=mask.shape[1] - 1)
+        return idx, count.squeeze(1) > 0
+
+    def _sample_third_class(
+        self,
+        same: torch.Tensor,
+        a_idx: torch.Tensor,
+        y_a: torch.Tensor,
+        y_n: torch.Tensor,
+        ref_labels: torch.Tensor,
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Uniform positive per triplet over {j : y_j not in {y_a, y_n}}, by rejection.
+
+        ``_TRIES`` uniform proposals per triplet, the first acceptable one kept: cheap
+        (no [R, M] work) when most rows belong to a third class, as in class-balanced
+        batches. Triplets whose proposals all fail are drawn exactly from their masks
+        (which also finds the anchors that have no third class). Both ways p is uniform.
+        """
+        cand = torch.randint(
+            len(ref_labels),
+            (len(y_a), _TRIES),
+            generator=self.generator,
+            device=y_a.device,
+        )
+        y_c = ref_labels[cand]
+        ok = (y_c != y_a.unsqueeze(1)) & (y_c != y_n.unsqueeze(1))
+        first = ok.to(torch.uint8).argmax(dim=1, keepdim=True)  # first True, or 0
+        p_idx = cand.gather(1, first).squeeze(1)
+        found = ok.gather(1, first).squeeze(1)
+        miss = torch.nonzero(~found).squeeze(1)
+        if len(miss) > 0:
+            banned = same[a_idx[miss]] | (
+                ref_labels.unsqueeze(0) == y_n[miss].unsqueeze(1)
+            )
+            p_miss, found_miss = self._sample_uniform(~banned, 1)
+            p_idx[miss] = p_miss.squeeze(1)
+            found[miss] = found_miss
+        return p_idx, found
+
+    def _set_stats(
+        self,
+        mat: torch.Tensor,
+        a_idx: torch.Tensor,
+        p_idx: torch.Tensor,
+        n_idx: torch.Tensor,
+    ) -> None:
+        if self.collect_stats:
+            if len(a_idx) > 0:
+                self.avg_anchor_positive_dist = torch.mean(mat[a_idx, p_idx]).item()
+                self.avg_anchor_negative_dist = torch.mean(mat[a_idx, n_idx]).item()
+
+
+def _masked_weights(
+    log_w: torch.Tensor, banned: torch.Tensor, inplace: bool = False
+) -> torch.Tensor:
+    """exp(log_w - row max over the allowed entries), 0 where ``banned``."""
+    if inplace:
+        masked = log_w.masked_fill_(banned, -math.inf)
+    else:
+        masked = log_w.masked_fill(banned, -math.inf)
+    row_max = masked.amax(dim=1, keepdim=True)
+    row_max.masked_fill_(row_max == -math.inf, 0.0)  # rows with nothing allowed
+    return masked.sub_(row_max).exp_()
+
+
+def _check_finite(x: torch.Tensor, name: str) -> None:
+    # x * 0 is 0 for finite entries and NaN for NaN/Inf ones; one reduction then tells
+    # (several times cheaper on CPU than isfinite(x).all(), and no overflow of a sum of x)
+    if bool(torch.isnan((x * 0).sum())):
+        raise ValueError(
+            f"SharedCharacteristicsMiner: {name} contain NaN or Inf values; "
+            "distance-weighted sampling needs finite embeddings"
+        )
+
+
+def _is_real(x) -> bool:
+    return (
+        isinstance(x, numbers.Real)
+        and not isinstance(x, bool)
+        and math.isfinite(float(x))
+    )
+
+
+def _empty_triplets(device: torch.device) -> Tuple[torch.Tensor, ...]:
+    empty = torch.tensor([], dtype=torch.long, device=device)
+    return empty, empty.clone(), empty.clone()
