@@ -1,0 +1,136 @@
+"""Figures of a run: learning curves from PML's records, 2-D maps of embeddings.
+
+matplotlib (and, for t-SNE, scikit-learn) are optional: they come with the ``examples``
+extra. Every function writes a PNG and needs no display (Agg backend).
+"""
+
+from typing import Dict, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+
+def metric_label(metric: str) -> str:
+    """Short metric names for legends and logs: "recall_at_1" -> "R@1", ..."""
+    names = {"mean_average_precision_at_r": "MAP@R", "r_precision": "RP"}
+    return names.get(metric, metric.replace("recall_at_", "R@"))
+
+
+def project_2d(x, seed: int = 0, method: str = "tsne") -> Tuple[np.ndarray, str]:
+    """[N, D] -> ([N, 2], method used): t-SNE with scikit-learn, else (or if asked) PCA."""
+    x = np.asarray(x.detach().cpu() if isinstance(x, torch.Tensor) else x, np.float32)
+    if method == "tsne" and len(x) >= 5:
+        try:
+            from sklearn.manifold import TSNE
+        except ImportError:
+            pass
+        else:
+            perplexity = float(min(30.0, (len(x) - 1) / 3))
+            tsne = TSNE(2, init="pca", perplexity=perplexity, random_state=seed)
+            return tsne.fit_transform(x), "t-SNE"
+    centred = x - x.mean(axis=0)
+    _, _, vt = np.linalg.svd(centred, full_matrices=False)
+    points = centred @ vt[:2].T
+    if points.shape[1] < 2:
+        points = np.pad(points, ((0, 0), (0, 2 - points.shape[1])))
+    return points, "PCA"
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_learning_curves(
+    loss_history: Dict[str, Sequence[float]],
+    accuracy_history: Dict[str, Sequence[float]],
+    path: str,
+    iterations_per_epoch: int = 1,
+) -> None:
+    """Losses against epochs (left) and metrics per epoch, in % (right).
+
+    ``loss_history`` and ``accuracy_history`` are what PML's ``HookContainer`` returns
+    from ``get_loss_history()`` and ``get_accuracy_history(tester, split,
+    return_all_metrics=True)``: lists keyed by "~iteration~" / "epoch" and by loss or
+    "<metric>_level0" names.
+    """
+    plt = _pyplot()
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
+    iterations = np.asarray(loss_history.get("~iteration~", []), dtype=float)
+    for name, values in loss_history.items():
+        if name.endswith("loss") and len(values) == len(iterations) > 0:
+            ax_loss.plot(iterations / max(iterations_per_epoch, 1), values, label=name)
+    ax_loss.set(xlabel="epoch", ylabel="loss", title="training losses")
+    epochs = accuracy_history.get("epoch", [])
+    for name, values in accuracy_history.items():
+        if name.endswith("_level0") and len(values) == len(epochs) > 0:
+            label = metric_label(name[: -len("_level0")])
+            ax_acc.plot(epochs, [100 * v for v in values], marker="o", label=label)
+    ax_acc.set(xlabel="epoch", ylabel="%", title="evaluation")
+    for ax in (ax_loss, ax_acc):
+        if ax.lines:
+            ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _scatter_classes(ax, points, labels, size: float) -> None:
+    cmap = _pyplot().get_cmap("tab20")
+    for i, label in enumerate(np.unique(labels)):
+        mask = labels == label
+        ax.scatter(*points[mask].T, s=size, color=cmap(i % 20), label=str(label))
+
+
+def plot_embeddings(
+    embeddings, labels, path: str, title: str = "embeddings", seed: int = 0
+) -> str:
+    """Scatter plot of a 2-D projection of ``embeddings`` coloured by label.
+
+    Returns the projection method ("t-SNE" or "PCA").
+    """
+    points, method = project_2d(embeddings, seed)
+    labels = np.asarray(labels.cpu() if isinstance(labels, torch.Tensor) else labels)
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 6))
+    _scatter_classes(ax, points, labels.reshape(-1), size=14)
+    ax.set_title(f"{title} ({method})", fontsize="medium")
+    ax.legend(fontsize="x-small", ncol=2, title="class")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return method
+
+
+def plot_synthesis(
+    synthesis, path: str, title: Optional[str] = None, seed: int = 0
+) -> str:
+    """The Proxy Synthesis figure: a batch's real embeddings (o, by class) and its
+    synthetic embeddings (x), from ``ProxySynthesisLoss.synthesize(embeddings, labels)``.
+
+    Returns the projection method ("t-SNE" or "PCA").
+    """
+    num_synthetic = len(synthesis.pairs)
+    num_real = len(synthesis.labels) - num_synthetic
+    points, method = project_2d(synthesis.embeddings, seed)
+    labels = synthesis.labels[:num_real].cpu().numpy()
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 6))
+    _scatter_classes(ax, points[:num_real], labels, size=22)
+    ax.scatter(*points[num_real:].T, s=26, marker="x", color="black", label="synthetic")
+    lam = synthesis.lam.float().mean().item()
+    if title is None:
+        title = (
+            f"{len(np.unique(labels))} classes (o) and {num_synthetic} synthetic "
+            f"classes (x), lambda={lam:.2f}"
+        )
+    ax.set_title(f"{title} ({method})", fontsize="small")
+    ax.legend(fontsize="x-small", ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return method

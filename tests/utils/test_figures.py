@@ -1,0 +1,50 @@
+import sys
+
+import numpy as np
+import pytest
+import torch
+from pytorch_metric_learning import losses
+
+from pml_proxysynth.losses import ProxySynthesisLoss
+from pml_proxysynth.utils.figures import (
+    metric_label,
+    plot_embeddings,
+    plot_learning_curves,
+    plot_synthesis,
+    project_2d,
+)
+
+pytest.importorskip("matplotlib")
+
+
+def test_project_2d_tsne_and_pca_fallback(monkeypatch):
+    x = torch.randn(40, 6, generator=torch.Generator().manual_seed(0))
+    points, method = project_2d(x)
+    assert points.shape == (40, 2) and method == "t-SNE"
+    monkeypatch.setitem(sys.modules, "sklearn.manifold", None)  # scikit-learn missing
+    points, method = project_2d(x)
+    assert points.shape == (40, 2) and method == "PCA"
+    assert project_2d(np.ones((3, 1)))[0].shape == (3, 2)
+
+
+def test_figures_are_written(tmp_path):
+    torch.manual_seed(0)
+    embeddings, labels = torch.randn(24, 8), torch.arange(6).repeat_interleave(4)
+    assert plot_embeddings(embeddings, labels, str(tmp_path / "e.png")) == "t-SNE"
+    ps = ProxySynthesisLoss(losses.ProxyAnchorLoss(num_classes=6, embedding_size=8))
+    synthesis = ps.synthesize(embeddings, labels)
+    plot_synthesis(synthesis, str(tmp_path / "s.png"))
+    plot_learning_curves(
+        {"~iteration~": [0, 5, 10], "total_loss": [3.0, 2.0, 1.5]},
+        {"epoch": [1, 2], "recall_at_1_level0": [0.5, 0.6], "best_epoch": [1, 2]},
+        str(tmp_path / "c.png"),
+        iterations_per_epoch=5,
+    )
+    for name in ("e.png", "s.png", "c.png"):
+        assert (tmp_path / name).stat().st_size > 1000
+
+
+def test_metric_label():
+    assert metric_label("recall_at_4") == "R@4"
+    assert metric_label("mean_average_precision_at_r") == "MAP@R"
+    assert metric_label("NMI") == "NMI"
