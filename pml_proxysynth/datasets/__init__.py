@@ -1,1 +1,1 @@
-
+from .glyphs import Glyphs, GlyphsCacheError

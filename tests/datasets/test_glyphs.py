@@ -1,0 +1,564 @@
+"""Tests of the Glyphs dataset.
+
+Most tests use a small instance (5 fonts, ~70 candidate characters, well under a
+second to build); one test class builds the full default dataset once (5-15 s on
+2 busy cores). Set GLYPHS_SKIP_FULL=1 to skip that one.
+"""
+
+import json
+import os
+import shutil
+import tempfile
+import time
+import unicodedata
+import unittest
+from pathlib import Path
+from unittest import mock
+
+import numpy as np
+import torch
+from matplotlib.ft2font import FT2Font
+from PIL import Image
+
+from pml_proxysynth.datasets import glyphs
+from pml_proxysynth.datasets.glyphs import (
+    DEFAULT_FONT_FILES,
+    Glyphs,
+    GlyphsCacheError,
+    matplotlib_font_dir,
+)
+
+SMALL_FONTS = [
+    "DejaVuSans.ttf",
+    "DejaVuSerif-Bold.ttf",
+    "STIXGeneral.ttf",
+    "cmr10.ttf",
+    "cmtt10.ttf",
+]
+LATIN = "ABCEHKMOPTXabceopxy0123456789"
+GREEK = "ΑΒΕΗΚΜΟΡΤΧαοπ"
+CYRILLIC = "АВЕНКМОРТХаеорсху"
+SMALL_CHARS = LATIN + GREEK + CYRILLIC + "<>£'!?&%@#.·"
+SMALL = {"font_files": SMALL_FONTS, "min_fonts": 3, "characters": SMALL_CHARS}
+EXCLUDED_FILES = [
+    "cmex10.ttf",
+    "cmsy10.ttf",
+    "cmmi10.ttf",
+    "STIXSizOneSymReg.ttf",
+    "STIXNonUni.ttf",
+    "DejaVuSansDisplay.ttf",
+    "DejaVuSerifDisplay.ttf",
+    "LastResortHE-Regular.ttf",
+]
+# Known look-alike groups: only the first (lowest code point) may survive.
+HOMOGLYPH_GROUPS = ["AΑА", "BΒВ", "EΕЕ", "OΟО", "oοо", "cс", "pр", "xх", ".·"]
+THRESHOLD = 0.01
+
+
+def small(root, split="train+test", **kwargs):
+    return Glyphs(root, split, **{**SMALL, **kwargs})
+
+
+def count_by(labels, n):
+    return np.bincount(np.asarray(labels), minlength=n)
+
+
+def clean_renders(ds):
+    """Clean renders [K, F, H, W] (raw uint8 values) and a presence mask [K, F]."""
+    k, f = len(ds.classes), len(ds.fonts)
+    size = ds.data.shape[-1]
+    out = np.zeros((k, f, size, size), dtype=np.int64)
+    present = np.zeros((k, f), dtype=bool)
+    for i in np.flatnonzero(ds.augmentation_indices == 0):
+        c, j = ds.labels[i], ds.font_indices[i]
+        assert not present[c, j], "two clean renders for one (class, font)"
+        out[c, j] = ds.data[i]
+        present[c, j] = True
+    return out, present
+
+
+def homoglyph_pairs(ds, threshold=THRESHOLD):
+    """Pairs whose clean renders are near-identical in at least half of their shared fonts.
+
+    Written independently of the module: per font, the distance
+    1 - 2<a,b>/(|a|^2+|b|^2) for all pairs at once, with exact integer sums.
+    """
+    x, present = clean_renders(ds)
+    k, f = present.shape
+    near = np.zeros((k, k), dtype=int)
+    shared = np.zeros((k, k), dtype=int)
+    for j in range(f):
+        # Pixel values <= 255 and 1024 pixels: float64 sums of products are exact
+        # integers, whatever the summation order (and much faster than int64).
+        v = x[:, j].reshape(k, -1).astype(np.float64)
+        sq = (v * v).sum(1)
+        dot = v @ v.T
+        dist = 1 - 2 * dot / np.maximum(sq[:, None] + sq[None, :], 1)
+        both = present[:, j, None] & present[None, :, j]
+        near += both & (dist < threshold)
+        shared += both
+    bad = (2 * near >= shared) & (near > 0) & ~np.eye(k, dtype=bool)
+    return [(ds.classes[a], ds.classes[b]) for a, b in zip(*np.nonzero(bad)) if a < b]
+
+
+class SmallGlyphsCase(unittest.TestCase):
+    """Shares one small build (in a temp dir) across the tests of a class."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls._tmp = tempfile.TemporaryDirectory()
+        cls.root = cls._tmp.name
+        cls.all = small(cls.root, "train+test")
+        cls.train = small(cls.root, "train")
+        cls.test = small(cls.root, "test")
+
+    @classmethod
+    def tearDownClass(cls):
+        cls._tmp.cleanup()
+
+
+class TestSplitsAndLabels(SmallGlyphsCase):
+    def test_train_and_test_classes_are_disjoint_and_complete(self):
+        train, test = set(self.train.classes), set(self.test.classes)
+        self.assertTrue(train and test)
+        self.assertEqual(train & test, set())
+        self.assertEqual(train | test, set(self.all.classes))
+        self.assertLessEqual(abs(len(train) - len(test)), 1)
+
+    def test_labels_are_contiguous_per_split(self):
+        for ds in (self.train, self.test, self.all):
+            k = len(ds.classes)
+            self.assertIsInstance(ds.labels, np.ndarray)
+            self.assertEqual(sorted(set(ds.labels.tolist())), list(range(k)))
+            self.assertEqual(len(ds), len(ds.labels))
+            self.assertEqual(len(ds.data), len(ds.labels))
+
+    def test_train_plus_test_labels_extend_train_labels(self):
+        k = len(self.train.classes)
+        self.assertEqual(self.all.classes[:k], self.train.classes)
+        self.assertEqual(self.all.classes[k:], self.test.classes)
+        train_part = self.all.labels < k
+        np.testing.assert_array_equal(self.all.labels[train_part], self.train.labels)
+        np.testing.assert_array_equal(self.all.data[train_part], self.train.data)
+        np.testing.assert_array_equal(
+            self.all.labels[~train_part] - k, self.test.labels
+        )
+
+    def test_classes_are_in_the_requested_categories(self):
+        for ch in self.all.classes:
+            cat = unicodedata.category(ch)
+            self.assertTrue(cat[0] in "LNS" or cat == "Po", (ch, cat))
+            self.assertIn(ch, SMALL_CHARS)
+
+    def test_shuffled_split_is_not_code_point_order(self):
+        # With the split taken in code point order, all Latin would be in train.
+        latin_in_test = [c for c in self.test.classes if c in LATIN]
+        self.assertTrue(latin_in_test)
+
+    def test_get_available_splits(self):
+        self.assertEqual(
+            sorted(Glyphs.get_available_splits()), ["test", "train", "train+test"]
+        )
+
+
+class TestImages(SmallGlyphsCase):
+    def test_item_is_grayscale_pil_image_and_int_label(self):
+        img, label = self.train[0]
+        self.assertIsInstance(img, Image.Image)
+        self.assertEqual(img.mode, "L")
+        self.assertEqual(img.size, (32, 32))
+        self.assertIsInstance(label, int)
+        self.assertEqual(label, self.train.labels[0])
+        np.testing.assert_array_equal(np.asarray(img), self.train.data[0])
+
+    def test_every_class_has_fonts_times_one_plus_augmentations_images(self):
+        ds = self.all
+        counts = count_by(ds.labels, len(ds.classes))
+        for c in range(len(ds.classes)):
+            idx = np.flatnonzero(ds.labels == c)
+            fonts = set(ds.font_indices[idx].tolist())
+            self.assertGreaterEqual(len(fonts), 3)
+            self.assertEqual(counts[c], 3 * len(fonts), ds.classes[c])
+            for j in fonts:
+                augs = ds.augmentation_indices[idx[ds.font_indices[idx] == j]]
+                self.assertEqual(sorted(augs.tolist()), [0, 1, 2])
+
+    def test_known_font_coverage(self):
+        # Independent facts: Latin letters and digits are in all 5 fonts; cmr10
+        # (OT1 encoding) draws "¡" at "<" and a Theta at "£", and neither TeX
+        # font has a straight apostrophe; cmtt10 has a real "<".
+        expected = {"A": 15, "x": 15, "7": 15, "!": 15, "<": 12, "£": 9, "'": 9}
+        ds = self.all
+        counts = count_by(ds.labels, len(ds.classes))
+        for ch, n in expected.items():
+            self.assertEqual(counts[ds.classes.index(ch)], n, ch)
+        cmr10 = ds.fonts.index("cmr10")
+        for ch in "<£'":
+            fonts = ds.font_indices[ds.labels == ds.classes.index(ch)]
+            self.assertNotIn(cmr10, fonts, ch)
+
+    def test_every_font_used_for_a_class_maps_it_in_its_cmap(self):
+        ds = self.all
+        charmaps = {
+            j: FT2Font(str(matplotlib_font_dir() / f"{name}.ttf")).get_charmap()
+            for j, name in enumerate(ds.fonts)
+        }
+        for c, cp in enumerate(ds.codepoints):
+            for j in set(ds.font_indices[ds.labels == c].tolist()):
+                self.assertIn(cp, charmaps[j], (chr(cp), ds.fonts[j]))
+
+    def test_clean_renders_are_centred_and_augmented_ones_differ(self):
+        ds = self.all
+        clean = np.flatnonzero(ds.augmentation_indices == 0)
+        for i in clean:
+            ys, xs = np.nonzero(ds.data[i] > 0)
+            self.assertLessEqual(abs((ys.min() + ys.max()) / 2 - 15.5), 1.0)
+            self.assertLessEqual(abs((xs.min() + xs.max()) / 2 - 15.5), 1.0)
+        for i in clean[:50]:
+            for a in (1, 2):
+                self.assertEqual(ds.augmentation_indices[i + a], a)
+                self.assertEqual(ds.labels[i + a], ds.labels[i])
+                self.assertFalse(np.array_equal(ds.data[i + a], ds.data[i]))
+        # Gaussian noise: background pixels of augmented images are not all 0.
+        augmented = ds.data[ds.augmentation_indices > 0].astype(float)
+        self.assertGreater((augmented[:, :3, :3] > 0).mean(), 0.2)
+
+    def test_about_forty_percent_of_augmentations_are_dilated(self):
+        # Ink (pixels > 128, above the noise) grows by at most ~1.32x from
+        # scaling alone; a 3x3 dilation of thin strokes roughly doubles it.
+        ds = self.all
+        ratios = []
+        for i in np.flatnonzero(ds.augmentation_indices == 0):
+            ink = max(1, (ds.data[i] > 128).sum())
+            ratios += [(ds.data[i + a] > 128).sum() / ink for a in (1, 2)]
+        grown = (np.asarray(ratios) > 1.6).mean()
+        self.assertGreater(grown, 0.25)
+        self.assertLess(grown, 0.55)
+
+    def test_transform_and_target_transform_are_applied(self):
+        ds = small(
+            self.root,
+            "test",
+            transform=lambda im: torch.from_numpy(np.asarray(im, np.float32) / 255),
+            target_transform=lambda y: y + 1000,
+        )
+        img, label = ds[3]
+        self.assertIsInstance(img, torch.Tensor)
+        self.assertEqual(tuple(img.shape), (32, 32))
+        self.assertLessEqual(float(img.max()), 1.0)
+        self.assertEqual(label, int(ds.labels[3]) + 1000)
+
+
+class TestHomoglyphs(SmallGlyphsCase):
+    def test_known_homoglyph_groups_keep_only_the_lowest_code_point(self):
+        classes = set(self.all.classes)
+        for group in HOMOGLYPH_GROUPS:
+            self.assertIn(group[0], classes, group)
+            for other in group[1:]:
+                self.assertNotIn(other, classes, group)
+        self.assertGreater(self.all.num_homoglyphs_removed, 0)
+
+    def test_distinct_look_alikes_survive(self):
+        # Greek alpha and pi are drawn unlike Latin a and n/Cyrillic п.
+        for ch in "απ":
+            self.assertIn(ch, self.all.classes)
+
+    def test_no_two_classes_are_homoglyphs(self):
+        self.assertEqual(homoglyph_pairs(self.all), [])
+
+    def test_threshold_zero_keeps_near_identical_pairs(self):
+        with tempfile.TemporaryDirectory() as root:
+            ds = small(root, "train+test", homoglyph_threshold=0.0)
+            self.assertIn("Α", ds.classes)
+            self.assertTrue(homoglyph_pairs(ds))
+            self.assertEqual(ds.num_homoglyphs_removed, 0)
+
+
+class TestDeterminismAndCache(SmallGlyphsCase):
+    def test_two_builds_in_different_dirs_are_identical(self):
+        with tempfile.TemporaryDirectory() as other:
+            again = small(other, "train+test")
+            self.assertEqual(again.classes, self.all.classes)
+            self.assertEqual(again.fonts, self.all.fonts)
+            for name in ("data", "labels", "font_indices", "augmentation_indices"):
+                np.testing.assert_array_equal(
+                    getattr(again, name), getattr(self.all, name), name
+                )
+            self.assertEqual(again.cache_dir.name, self.all.cache_dir.name)
+
+    def test_images_do_not_depend_on_which_other_classes_are_built(self):
+        with tempfile.TemporaryDirectory() as other:
+            subset = small(other, "train+test", characters="A<£7")
+            self.assertEqual(sorted(subset.classes), sorted("A<£7"))
+            for ch in "A<£7":
+                a = subset.data[subset.labels == subset.classes.index(ch)]
+                b = self.all.data[self.all.labels == self.all.classes.index(ch)]
+                np.testing.assert_array_equal(a, b, ch)
+
+    def test_another_seed_changes_augmentations_only(self):
+        with tempfile.TemporaryDirectory() as other:
+            reseeded = small(other, "train+test", seed=1)
+            self.assertEqual(reseeded.classes, self.all.classes)
+            clean = self.all.augmentation_indices == 0
+            np.testing.assert_array_equal(reseeded.data[clean], self.all.data[clean])
+            self.assertFalse(
+                np.array_equal(reseeded.data[~clean], self.all.data[~clean])
+            )
+
+    def test_another_split_seed_changes_the_split(self):
+        with tempfile.TemporaryDirectory() as other:
+            resplit = small(other, "train", split_seed=1)
+            self.assertNotEqual(set(resplit.classes), set(self.train.classes))
+            self.assertEqual(
+                set(small(other, "train+test", split_seed=1).classes),
+                set(self.all.classes),
+            )
+
+    def test_second_construction_reads_the_cache_without_rendering(self):
+        cache = self.all.cache_dir
+        mtimes = {p.name: p.stat().st_mtime_ns for p in cache.iterdir()}
+        boom = mock.Mock(side_effect=AssertionError("rendered again"))
+        with (
+            mock.patch.object(glyphs, "_build", boom),
+            mock.patch.object(glyphs, "_render_clean", boom),
+        ):
+            for split in ("train", "test", "train+test"):
+                ds = small(self.root, split)
+                self.assertEqual(ds.cache_dir, cache)
+            ds = small(self.root, "train", download=False)
+        boom.assert_not_called()
+        np.testing.assert_array_equal(ds.data, self.train.data)
+        self.assertEqual(
+            mtimes, {p.name: p.stat().st_mtime_ns for p in cache.iterdir()}
+        )
+
+    def test_cache_layout(self):
+        names = sorted(p.name for p in Path(self.root).iterdir())
+        self.assertEqual(names, [self.all.cache_dir.name])  # no temp leftovers
+        self.assertTrue(self.all.cache_dir.name.startswith("glyphs-"))
+        files = sorted(p.name for p in self.all.cache_dir.iterdir())
+        self.assertEqual(files, ["data-test.npz", "data-train.npz", "meta.json"])
+        meta = json.loads((self.all.cache_dir / "meta.json").read_text("utf-8"))
+        self.assertEqual(meta["config"], self.all.config)
+        self.assertEqual(sorted(meta["classes"]), sorted(self.all.classes))
+        with np.load(self.all.cache_dir / "data-train.npz") as z:
+            self.assertEqual(z["images"].dtype, np.uint8)
+            self.assertEqual(z["images"].shape, self.train.data.shape)
+
+    def test_losing_a_build_race_keeps_the_winners_cache(self):
+        # Two processes rendering the same config: the second rename fails
+        # because the folder exists; its temp folder is removed, no error.
+        meta = json.loads((self.all.cache_dir / "meta.json").read_text("utf-8"))
+        before = sorted(Path(self.root).iterdir())
+        glyphs._write_cache(self.all.cache_dir, meta, {})
+        self.assertEqual(sorted(Path(self.root).iterdir()), before)
+        np.testing.assert_array_equal(small(self.root, "test").data, self.test.data)
+
+    def test_different_config_uses_a_different_cache_dir(self):
+        with tempfile.TemporaryDirectory() as root:
+            base = small(root, "train")
+            dirs = {base.cache_dir}
+            for kwargs in (
+                {"seed": 1},
+                {"augmentations_per_font": 1},
+                {"image_size": 24},
+                {"max_classes": 10},
+                {"min_fonts": 4},
+                {"characters": SMALL_CHARS[:-1]},
+                {"font_files": SMALL_FONTS[:4]},
+            ):
+                ds = small(root, "train", **kwargs)
+                self.assertNotIn(ds.cache_dir, dirs, kwargs)
+                dirs.add(ds.cache_dir)
+            self.assertEqual(len(list(Path(root).iterdir())), len(dirs))
+            self.assertEqual(
+                small(root, "train", image_size=24).data.shape[1:], (24, 24)
+            )
+            one_aug = small(root, "train", augmentations_per_font=1)
+            self.assertEqual(set(one_aug.augmentation_indices.tolist()), {0, 1})
+            self.assertEqual(len(small(root, "train+test", max_classes=10).classes), 10)
+            # The default-config instance was not touched by the others.
+            np.testing.assert_array_equal(small(root, "train").data, base.data)
+
+
+class TestErrors(unittest.TestCase):
+    def setUp(self):
+        self._tmp = tempfile.TemporaryDirectory()
+        self.root = self._tmp.name
+
+    def tearDown(self):
+        self._tmp.cleanup()
+
+    def assert_value_error(self, needle, **kwargs):
+        with self.assertRaises(ValueError) as ctx:
+            small(self.root, **kwargs)
+        self.assertIn(needle, str(ctx.exception))
+
+    def test_bad_split(self):
+        self.assert_value_error("'val'", split="val")
+
+    def test_bad_arguments(self):
+        self.assert_value_error("image_size", image_size=0)
+        self.assert_value_error("augmentations_per_font", augmentations_per_font=-1)
+        self.assert_value_error("min_fonts", min_fonts=0)
+        self.assert_value_error("min_fonts=6", min_fonts=6)
+        self.assert_value_error("max_classes", max_classes=1)
+        self.assert_value_error("seed", seed=-1)
+        self.assert_value_error("homoglyph_threshold", homoglyph_threshold=1.5)
+        self.assert_value_error("characters", characters=["AB"])
+        self.assert_value_error("nope.ttf", font_files=["nope.ttf"])
+        self.assert_value_error("extra_font_dirs", extra_font_dirs="/no/such/dir")
+        self.assert_value_error("min_fonts", characters="AΑ")  # 1 class left
+        self.assertEqual(list(Path(self.root).iterdir()), [])
+
+    def test_excluded_fonts_are_refused(self):
+        for name in EXCLUDED_FILES:
+            self.assert_value_error(name, font_files=["DejaVuSans.ttf", name])
+
+    def test_download_false_without_cache(self):
+        with self.assertRaises(FileNotFoundError) as ctx:
+            small(self.root, "train", download=False)
+        message = str(ctx.exception)
+        self.assertIn("download=True", message)
+        self.assertIn(str(self.root), message)
+        self.assertEqual(list(Path(self.root).iterdir()), [])
+
+    def test_corrupt_data_file_raises_naming_it(self):
+        ds = small(self.root, "train")
+        path = ds.cache_dir / "data-train.npz"
+        path.write_bytes(path.read_bytes()[:1000])
+        with self.assertRaises(GlyphsCacheError) as ctx:
+            small(self.root, "train")
+        self.assertIn(str(path), str(ctx.exception))
+        self.assertIn("Delete", str(ctx.exception))
+        small(self.root, "test")  # the other split's file is intact
+        shutil.rmtree(ds.cache_dir)  # the documented fix
+        np.testing.assert_array_equal(small(self.root, "train").data, ds.data)
+
+    def test_flipped_bytes_in_data_file_raise_naming_it(self):
+        ds = small(self.root, "test")
+        path = ds.cache_dir / "data-test.npz"
+        original = path.read_bytes()
+        for pos in (100, len(original) // 2, len(original) - 200):
+            damaged = bytearray(original)
+            damaged[pos : pos + 64] = bytes(b ^ 0xFF for b in damaged[pos : pos + 64])
+            path.write_bytes(bytes(damaged))
+            with self.assertRaises(GlyphsCacheError, msg=pos) as ctx:
+                small(self.root, "test")
+            self.assertIn(str(path), str(ctx.exception))
+
+    def test_corrupt_or_stale_meta_raises_naming_it(self):
+        ds = small(self.root, "train")
+        path = ds.cache_dir / "meta.json"
+        meta = json.loads(path.read_text("utf-8"))
+        meta["config"]["seed"] = 12345
+        path.write_text(json.dumps(meta), "utf-8")
+        with self.assertRaises(GlyphsCacheError) as ctx:
+            small(self.root, "train")
+        self.assertIn(str(path), str(ctx.exception))
+        path.write_text("{not json", "utf-8")
+        with self.assertRaises(GlyphsCacheError) as ctx:
+            small(self.root, "train", download=False)
+        self.assertIn(str(path), str(ctx.exception))
+
+    def test_missing_file_in_cache_raises(self):
+        ds = small(self.root, "train")
+        (ds.cache_dir / "data-test.npz").unlink()
+        with self.assertRaises(GlyphsCacheError) as ctx:
+            small(self.root, "test")
+        self.assertIn("data-test.npz", str(ctx.exception))
+
+
+class TestFonts(unittest.TestCase):
+    def test_default_fonts_exist_and_none_is_excluded(self):
+        for name in DEFAULT_FONT_FILES:
+            self.assertTrue((matplotlib_font_dir() / name).is_file(), name)
+            self.assertIsNone(glyphs.font_exclusion_reason(name), name)
+        self.assertEqual(len(DEFAULT_FONT_FILES), 21)
+        for name in EXCLUDED_FILES:
+            self.assertIsNotNone(glyphs.font_exclusion_reason(name), name)
+
+    def test_extra_font_dirs_skip_excluded_and_duplicate_files(self):
+        mpl = matplotlib_font_dir()
+        with (
+            tempfile.TemporaryDirectory() as root,
+            tempfile.TemporaryDirectory() as extra,
+        ):
+            shutil.copy(mpl / "DejaVuSans.ttf", Path(extra) / "MyFont.ttf")
+            shutil.copy(mpl / "DejaVuSerif.ttf", Path(extra) / "Dup.ttf")
+            for name in ("cmex10.ttf", "cmsy10.ttf", "DejaVuSansDisplay.ttf"):
+                shutil.copy(mpl / name, Path(extra) / name)
+            (Path(extra) / "notes.txt").write_text("not a font")
+            ds = Glyphs(
+                root,
+                "train+test",
+                font_files=["DejaVuSerif.ttf", "STIXGeneral.ttf"],
+                extra_font_dirs=[extra],
+                min_fonts=3,
+                characters="ABCDabcd0123",
+            )
+            self.assertEqual(ds.fonts, ["DejaVuSerif", "STIXGeneral", "MyFont"])
+            counts = count_by(ds.labels, len(ds.classes))
+            np.testing.assert_array_equal(counts, 9)
+
+
+@unittest.skipIf(os.environ.get("GLYPHS_SKIP_FULL") == "1", "GLYPHS_SKIP_FULL=1")
+class TestFullDefaultDataset(unittest.TestCase):
+    """Builds the default dataset once (the slow test of this file)."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls._tmp = tempfile.TemporaryDirectory()
+        start = time.perf_counter()
+        cls.all = Glyphs(cls._tmp.name, "train+test")
+        cls.build_s = time.perf_counter() - start
+        start = time.perf_counter()
+        cls.train = Glyphs(cls._tmp.name, "train", download=False)
+        cls.test = Glyphs(cls._tmp.name, "test", download=False)
+        cls.load_s = (time.perf_counter() - start) / 2
+
+    @classmethod
+    def tearDownClass(cls):
+        cls._tmp.cleanup()
+
+    def test_sizes(self):
+        for ds in (self.train, self.test):
+            self.assertGreaterEqual(len(ds.classes), 150)
+            counts = count_by(ds.labels, len(ds.classes))
+            self.assertGreaterEqual(counts.min(), 20)
+            self.assertGreaterEqual(counts.min(), 16 * 3)
+            self.assertEqual(
+                sorted(set(ds.labels.tolist())), list(range(len(ds.classes)))
+            )
+        self.assertEqual(set(self.train.classes) & set(self.test.classes), set())
+        self.assertLess(self.build_s, 120)
+        self.assertLess(self.load_s, 5)
+
+    def test_fonts(self):
+        self.assertEqual(self.all.fonts, [Path(f).stem for f in DEFAULT_FONT_FILES])
+        for name in self.all.fonts:
+            self.assertNotIn(name + ".ttf", EXCLUDED_FILES)
+        # TeX fonts' mis-mapped Latin-1 code points are not used.
+        cm = {self.all.fonts.index(n) for n in ("cmr10", "cmb10", "cmss10", "cmti10")}
+        for ch in "£¥§©<>\"'´":
+            fonts = set(
+                self.all.font_indices[
+                    self.all.labels == self.all.classes.index(ch)
+                ].tolist()
+            )
+            self.assertFalse(fonts & cm, ch)
+        a = self.all.classes.index("A")
+        self.assertEqual(
+            len(set(self.all.font_indices[self.all.labels == a].tolist())), 21
+        )
+
+    def test_no_homoglyphs(self):
+        classes = set(self.all.classes)
+        for group in HOMOGLYPH_GROUPS:
+            self.assertIn(group[0], classes)
+            self.assertFalse(set(group[1:]) & classes, group)
+        self.assertEqual(homoglyph_pairs(self.all), [])
+
+
+if __name__ == "__main__":
+    unittest.main()
