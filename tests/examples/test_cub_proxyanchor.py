@@ -1,0 +1,357 @@
+"""End-to-end and bad-input tests of examples/cub_proxyanchor.py (tiny data, CPU, seconds)."""
+
+import importlib.util
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+import urllib.error
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "cub_proxyanchor.py"
+TRAIN_CLASSES = (1, 2, 3, 4)
+TEST_CLASSES = (101, 102, 103, 104)
+# A small Glyphs configuration: 4 fonts, 36 characters, renders in about a second.
+GLYPHS_OPTIONS = [
+    "--glyphs-option",
+    'font_files=["DejaVuSans.ttf", "DejaVuSerif.ttf", "DejaVuSansMono.ttf", "cmr10.ttf"]',
+    "--glyphs-option",
+    "min_fonts=4",
+    "--glyphs-option",
+    "characters=ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789",
+    "--glyphs-option",
+    "augmentations_per_font=1",
+]
+
+
+@pytest.fixture(scope="module")
+def ex():
+    spec = importlib.util.spec_from_file_location("cub_proxyanchor", EXAMPLE)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["cub_proxyanchor"] = module
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop("cub_proxyanchor", None)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread: fast and steady on a small shared CPU; restored afterwards."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def make_cub(root: Path, per_class: int = 6, size: int = 40) -> Path:
+    """A tiny CUB_200_2011 in the real layout (what PML's datasets.CUB reads and more)."""
+    base = root / "CUB_200_2011"
+    rng = np.random.default_rng(0)
+    images, labels, classes, split = [], [], [], []
+    image_id = 0
+    for class_id in TRAIN_CLASSES + TEST_CLASSES:
+        folder = f"{class_id:03d}.Bird_{class_id}"
+        classes.append(f"{class_id} {folder}")
+        (base / "images" / folder).mkdir(parents=True)
+        colour = rng.integers(0, 256, size=3)
+        for k in range(per_class):
+            image_id += 1
+            name = f"{folder}/Bird_{class_id}_{k:04d}_{image_id}.jpg"
+            pixels = np.clip(colour + rng.normal(0, 40, (size, size, 3)), 0, 255)
+            Image.fromarray(pixels.astype(np.uint8)).save(base / "images" / name)
+            images.append(f"{image_id} {name}")
+            labels.append(f"{image_id} {class_id}")
+            split.append(f"{image_id} {int(k % 2 == 0)}")
+    for filename, lines in [
+        ("images.txt", images),
+        ("image_class_labels.txt", labels),
+        ("classes.txt", classes),
+        ("train_test_split.txt", split),
+    ]:
+        (base / filename).write_text("\n".join(lines) + "\n")
+    return root
+
+
+@pytest.fixture
+def cub_root(tmp_path):
+    return make_cub(tmp_path / "data")
+
+
+def quick(out, *extra):
+    """Flags for a run of a few seconds: tiny crops, few iterations, no workers."""
+    return [
+        "--output-dir", str(out), "--image-size", "32", "--epochs", "1",
+        "--warmup-epochs", "0", "--batch-size", "8", "--iterations-per-epoch", "2",
+        "--embedding-size", "16", "--num-workers", "0", "--num-threads", "1",
+        "--device", "cpu", "--plot-classes", "3", "--log-freq", "1",
+        *extra,
+    ]  # fmt: skip
+
+
+def cub_args(root, out, *extra):
+    return ["--data-root", str(root), *quick(out, *extra)]
+
+
+def glyphs_args(root, out, *extra):
+    return ["--dataset", "glyphs", "--data-root", str(root), *GLYPHS_OPTIONS, *quick(out, *extra)]  # fmt: skip
+
+
+def accuracy_epochs(out):
+    with sqlite3.connect(os.path.join(out, "records", "logs.db")) as db:
+        (table,) = [
+            name
+            for (name,) in db.execute(
+                "SELECT name FROM sqlite_master WHERE type='table'"
+            )
+            if name.startswith("accuracies")
+        ]
+        return [e for (e,) in db.execute(f"SELECT epoch FROM {table}")]
+
+
+# --------------------------------------------------------------------- end to end
+
+
+def test_cub_layout_end_to_end_and_resume(ex, cub_root, tmp_path, caplog):
+    out = tmp_path / "run"
+    flags = cub_args(cub_root, out, "--trunk", "resnet18", "--no-pretrained")
+    assert ex.main(flags) == 0
+    models = set(os.listdir(out / "models"))
+    for key in ("trunk", "embedder", "metric_loss", "metric_loss_optimizer"):
+        assert f"{key}_1.pth" in models and f"{key}_best1.pth" in models
+    assert (out / "records" / "logs.db").is_file()
+    assert any(name.endswith(".csv") for name in os.listdir(out / "records"))
+    assert any(n.startswith("events.out") for n in os.listdir(out / "tensorboard"))
+    for figure in ("learning_curves.png", "test_embeddings.png", "synthetic_batch.png"):
+        assert (out / figure).stat().st_size > 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["epochs"] == 1 and results["best_epoch"] == 1
+    for metric in ("recall_at_1", "recall_at_8", "mean_average_precision_at_r", "NMI"):
+        assert 0 <= results["best"][metric] <= 1
+    config = json.loads((out / "config.json").read_text())
+    assert config["trunk"] == "resnet18" and config["image_size"] == 32
+
+    caplog.set_level("INFO", logger="cub_proxyanchor")
+    assert ex.main(flags + ["--epochs", "2", "--resume", "--no-plots"]) == 0
+    assert "resuming from epoch 2" in caplog.text
+    models = set(os.listdir(out / "models"))
+    assert "trunk_2.pth" in models and "trunk_1.pth" not in models
+    assert accuracy_epochs(out) == [1, 2]
+    assert json.loads((out / "results.json").read_text())["epochs"] == 2
+
+
+def test_glyphs_shared_head_end_to_end(ex, tmp_path):
+    out = tmp_path / "run"
+    flags = glyphs_args(
+        tmp_path / "glyphs", out,
+        "--shared-head", "--shared-size", "8", "--decorrelation-rho", "10",
+        "--sampler", "m_per_class", "--m-per-class", "2", "--batch-size", "16",
+        "--loss", "normalized_softmax", "--max-test-images", "60",
+    )  # fmt: skip
+    assert ex.main(flags) == 0
+    models = set(os.listdir(out / "models"))
+    for key in (
+        "metric_loss_0",
+        "metric_loss_1",
+        "decorrelation_loss",
+        "tuple_miner_1",
+    ):
+        assert f"{key}_1.pth" in models
+    assert (out / "synthetic_batch.png").is_file()
+    results = json.loads((out / "results.json").read_text())
+    assert results["dataset"] == "glyphs" and results["epochs"] == 1
+
+
+def test_baseline_without_ps_has_no_synthetic_figure(ex, cub_root, tmp_path):
+    out = tmp_path / "run"
+    assert ex.main(cub_args(cub_root, out, "--trunk", "small_conv", "--no-pretrained", "--no-ps")) == 0  # fmt: skip
+    assert (out / "test_embeddings.png").is_file()
+    assert not (out / "synthetic_batch.png").exists()
+    config = json.loads((out / "config.json").read_text())
+    assert config["ps"] is False
+
+
+def test_building_blocks_and_warmup(ex, cub_root, tmp_path):
+    """The importable pieces compose into a PML trainer; warm-up freezes the trunk."""
+    args = ex.parse_args(
+        cub_args(cub_root, tmp_path / "run", "--trunk", "small_conv", "--no-pretrained")
+        + ["--epochs", "2", "--warmup-epochs", "1", "--sampler", "m_per_class"]
+    )
+    train, test = ex.build_datasets(args)
+    assert sorted(set(train.labels)) == [0, 1, 2, 3]  # CUB ids 1..4 remapped
+    assert sorted(set(test.labels)) == [0, 1, 2, 3]  # CUB ids 101..104 remapped
+    models = ex.build_model(args)
+    setup = ex.build_loss(args, num_classes=4)
+    optimizers, schedulers = ex.build_optimizers(args, models, setup.loss_funcs)
+    lrs = {k: o.param_groups[0]["lr"] for k, o in optimizers.items()}
+    assert lrs["metric_loss_optimizer"] == pytest.approx(100 * lrs["trunk_optimizer"])
+    trainer = ex.build_trainer(args, models, optimizers, setup, train, schedulers)
+
+    def snapshot(key):
+        return [p.detach().clone() for p in models[key].parameters()]
+
+    trunk, embedder = snapshot("trunk"), snapshot("embedder")
+    with ex._quiet_pml():
+        trainer.train(start_epoch=1, num_epochs=1)
+    assert all(torch.equal(a, b) for a, b in zip(trunk, snapshot("trunk")))
+    assert not all(torch.equal(a, b) for a, b in zip(embedder, snapshot("embedder")))
+    ex.end_warmup(trainer)
+    with ex._quiet_pml():
+        trainer.train(start_epoch=2, num_epochs=2)
+    assert not all(torch.equal(a, b) for a, b in zip(trunk, snapshot("trunk")))
+
+    metrics = ex.evaluate(ex.build_tester(args), models, test)
+    assert set(metrics) >= {"recall_at_1", "recall_at_2", "r_precision", "NMI"}
+
+
+def test_help_shows_dataset_dependent_defaults(ex, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        ex.parse_args(["--help"])
+    assert exit_info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "224 (cub), 32 (glyphs)" in text
+    assert "resnet50 (cub), small_conv (glyphs)" in text
+    assert "512 (cub), 128 (glyphs)" in text
+
+
+def test_dataset_dependent_defaults_resolved(ex):
+    cub = ex.parse_args(["--device", "cpu"])
+    glyphs = ex.parse_args(["--dataset", "glyphs", "--device", "cpu"])
+    assert (cub.image_size, cub.trunk, cub.pretrained, cub.embedding_size) == (224, "resnet50", True, 512)  # fmt: skip
+    assert (glyphs.image_size, glyphs.trunk, glyphs.pretrained) == (
+        32,
+        "small_conv",
+        False,
+    )
+    assert cub.ps and cub.loss == "proxy_anchor" and cub.ps_alpha == 0.4
+
+
+# ---------------------------------------------------------------------- bad input
+
+
+def test_missing_cub_without_network_is_one_message(tmp_path):
+    """No data and no download: an actionable message, exit status 1, no traceback."""
+    root = tmp_path / "nothing"
+    proc = subprocess.run(
+        [sys.executable, str(EXAMPLE), "--data-root", str(root), "--no-download",
+         "--device", "cpu", "--output-dir", str(tmp_path / "out")],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr
+    assert str(root / "CUB_200_2011" / "images.txt") in proc.stderr
+    assert "CUB_200_2011.tgz" in proc.stderr and "--dataset glyphs" in proc.stderr
+
+
+def test_failed_download_names_the_ways_out(ex, tmp_path, monkeypatch, capsys):
+    from pytorch_metric_learning.datasets import cub
+
+    def no_network(url, filename, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(cub, "_urlretrieve", no_network)
+    root = tmp_path / "fresh"
+    assert ex.main(cub_args(root, tmp_path / "out", "--trunk", "small_conv", "--no-pretrained")) == 1  # fmt: skip
+    err = capsys.readouterr().err
+    assert "downloading failed (no network)" in err
+    assert "tar -xzf CUB_200_2011.tgz" in err
+    assert os.listdir(root) == []  # no partial archive left behind
+
+    (root / "other.txt").write_text("not CUB")
+    assert ex.main(cub_args(root, tmp_path / "out2", "--trunk", "small_conv", "--no-pretrained")) == 1  # fmt: skip
+    assert "is not empty" in capsys.readouterr().err
+
+
+def test_missing_image_file_is_named(ex, cub_root, tmp_path, capsys):
+    victim = next((cub_root / "CUB_200_2011" / "images").glob("002.*/*.jpg"))
+    victim.unlink()
+    assert ex.main(cub_args(cub_root, tmp_path / "out", "--trunk", "small_conv", "--no-pretrained")) == 1  # fmt: skip
+    err = capsys.readouterr().err
+    assert str(victim) in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("workers", ["0", "1"])
+def test_corrupt_image_file_is_named(ex, cub_root, tmp_path, capsys, workers):
+    victim = next((cub_root / "CUB_200_2011" / "images").glob("103.*/*.jpg"))
+    victim.write_bytes(b"this is not a JPEG")
+    flags = cub_args(
+        cub_root, tmp_path / "out", "--trunk", "small_conv", "--no-pretrained"
+    )
+    assert ex.main(flags + ["--num-workers", workers]) == 1
+    err = capsys.readouterr().err
+    assert f"cannot read image file {victim}" in err
+    assert "Traceback" not in err
+
+
+def test_unavailable_imagenet_weights(ex, cub_root, tmp_path, monkeypatch, capsys):
+    def no_network(url, *args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", no_network)
+    assert ex.main(cub_args(cub_root, tmp_path / "out", "--trunk", "resnet18")) == 1
+    err = capsys.readouterr().err
+    assert "ImageNet weights for resnet18" in err
+    assert str(tmp_path / "torch_home" / "hub" / "checkpoints") in err
+    assert "--no-pretrained" in err
+
+
+def test_glyphs_not_rendered_with_no_download(ex, tmp_path, capsys):
+    flags = glyphs_args(tmp_path / "empty", tmp_path / "out", "--no-download")
+    assert ex.main(flags) == 1
+    assert "download=True" in capsys.readouterr().err
+
+
+def test_output_dir_protection(ex, cub_root, tmp_path, capsys):
+    out = tmp_path / "run"
+    flags = cub_args(
+        cub_root, out, "--trunk", "small_conv", "--no-pretrained", "--no-plots"
+    )
+    assert ex.main(flags + ["--resume"]) == 1
+    assert "no checkpoint" in capsys.readouterr().err
+    assert ex.main(flags) == 0
+    assert ex.main(flags) == 1
+    assert "--resume" in capsys.readouterr().err
+    assert ex.main(flags + ["--resume", "--epochs", "2", "--embedding-size", "8"]) == 1
+    assert "--embedding-size 16" in capsys.readouterr().err
+    assert ex.main(flags + ["--overwrite"]) == 0
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (
+            ["--batch-size", "10", "--sampler", "m_per_class", "--m-per-class", "4"],
+            "multiple of --m-per-class",
+        ),  # fmt: skip
+        (["--dataset", "glyphs", "--pretrained"], "no pretrained weights"),
+        (["--warmup-epochs", "3", "--epochs", "3"], "--warmup-epochs"),
+        (["--resume", "--overwrite"], "exclude each other"),
+        (["--decorrelation-rho", "5"], "needs --shared-head"),
+        (["--ps-mu", "0"], "--no-ps"),
+        (["--glyphs-option", "max_classes=4"], "needs --dataset glyphs"),
+        (["--dataset", "glyphs", "--glyphs-option", "colour=1"], "unknown key"),
+        (["--loss-kwargs", "[1, 2]"], "JSON object"),
+        (["--loss", "triplet"], "invalid choice"),
+        (["--epochs", "0"], "must be > 0"),
+        (["--crop-scale", "1.5"], "--crop-scale"),
+        (["--primary-metric", "recall_at_1", "--recall-ks", "2", "4"], "needs its K"),
+    ],
+)
+def test_bad_flag_combinations(ex, capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_info:
+        ex.parse_args(["--device", "cpu", *argv])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_bad_loss_kwargs_is_a_clear_error(ex, cub_root, tmp_path, capsys):
+    flags = cub_args(
+        cub_root, tmp_path / "out", "--trunk", "small_conv", "--no-pretrained"
+    )
+    assert ex.main(flags + ["--loss-kwargs", '{"no_such_option": 1}']) == 1
+    assert "no_such_option" in capsys.readouterr().err
