@@ -1,0 +1,255 @@
+"""Accuracy of every method against its PML baseline, over seeds, under one protocol.
+
+Every run is the example (`examples/cub_proxyanchor.py`) with the same trunk, embedding
+size, sampler, epochs, learning rates and seeds; only the rows' own flags differ. Results:
+
+    benchmarks/results/<dataset>.csv   one row per run (resumable: finished runs are skipped)
+    benchmarks/results/<dataset>.md    mean +- std per method, and the paired MAP@R difference
+                                       (same seed, with and without) for every counterpart
+    benchmarks/results/<dataset>.png   MAP@R and R@1 bars with std error bars
+
+    python benchmarks/accuracy.py                  # glyphs, all rows, seeds 0 1 2
+    python benchmarks/accuracy.py --quick          # a <= 3 minute smoke run (CI)
+    python benchmarks/accuracy.py --dataset cub --data-root data
+"""
+
+import argparse
+import csv
+import importlib.util
+import logging
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Dict, List, NamedTuple, Sequence
+
+HERE = Path(__file__).resolve().parent
+EXAMPLE = HERE.parent / "examples" / "cub_proxyanchor.py"
+COLUMNS = (
+    "dataset method loss ps shared_head seed recall_at_1 recall_at_2 recall_at_4 "
+    "recall_at_8 map_at_r r_precision nmi train_seconds"
+).split()
+METRICS = {  # CSV column -> the example's metric name
+    "recall_at_1": "recall_at_1",
+    "recall_at_2": "recall_at_2",
+    "recall_at_4": "recall_at_4",
+    "recall_at_8": "recall_at_8",
+    "map_at_r": "mean_average_precision_at_r",
+    "r_precision": "r_precision",
+    "nmi": "NMI",
+}
+
+
+class Row(NamedTuple):
+    method: str
+    loss: str
+    ps: bool
+    shared_head: bool
+    baseline: str  # the method this row is compared with ("" for baselines)
+
+
+PROXY_LOSSES = (
+    "proxy_anchor",
+    "normalized_softmax",
+    "proxy_nca",
+    "arcface",
+    "cosface",
+    "soft_triple",
+)
+ROWS: List[Row] = []
+for _loss in PROXY_LOSSES:
+    ROWS.append(Row(_loss, _loss, False, False, ""))
+    ROWS.append(Row(f"{_loss}+ps", _loss, True, False, _loss))
+ROWS += [
+    Row("margin", "margin", False, False, ""),
+    Row("margin+shared", "margin", False, True, "margin"),
+    Row("proxy_anchor+ps+shared", "proxy_anchor", True, True, "proxy_anchor"),
+]
+
+# The shared protocol (glyphs): what fits 15 rows x 3 seeds into 60 minutes on 2 CPU cores.
+PROTOCOL = ["--epochs", "8", "--batch-size", "128", "--sampler", "random"]
+QUICK = [
+    "--epochs",
+    "1",
+    "--max-train-images",
+    "1500",
+    "--max-test-images",
+    "800",
+]
+
+
+def load_example():
+    spec = importlib.util.spec_from_file_location("cub_proxyanchor", EXAMPLE)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def row_argv(row: Row, dataset: str, seed: int, extra: Sequence[str]) -> List[str]:
+    argv = ["--dataset", dataset, "--loss", row.loss, "--seed", str(seed)]
+    argv += [] if row.ps else ["--no-ps"]
+    argv += ["--shared-head"] if row.shared_head else []
+    return argv + list(extra)
+
+
+def read_done(path: Path) -> Dict[tuple, dict]:
+    if not path.exists():
+        return {}
+    with path.open() as f:
+        return {(r["method"], int(r["seed"])): r for r in csv.DictReader(f)}
+
+
+def run_one(example, row: Row, dataset: str, seed: int, extra: Sequence[str]) -> dict:
+    with tempfile.TemporaryDirectory() as out:
+        args = example.parse_args(
+            row_argv(row, dataset, seed, extra)
+            + ["--output-dir", out, "--no-plots", "--overwrite"]
+        )
+        args.test_interval = args.epochs  # evaluate once, at the end
+        start = time.perf_counter()
+        results = example.run(args)
+        seconds = time.perf_counter() - start
+    last = results["last"]
+    record = {
+        "dataset": dataset,
+        "method": row.method,
+        "loss": row.loss,
+        "ps": int(row.ps),
+        "shared_head": int(row.shared_head),
+        "seed": seed,
+        "train_seconds": f"{seconds:.1f}",
+    }
+    for column, name in METRICS.items():
+        record[column] = f"{100 * last[name]:.3f}"
+    return record
+
+
+def mean_std(values: List[float]) -> str:
+    if not values:
+        return "n/a"
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.2f} ± {std:.2f}"
+
+
+def summarise(records: Dict[tuple, dict], rows: List[Row], title: str) -> str:
+    by_method = {r.method: [] for r in rows}
+    for (method, _), rec in records.items():
+        by_method.setdefault(method, []).append(rec)
+    columns = list(METRICS) + ["train_seconds"]
+    lines = [
+        f"# {title}",
+        "",
+        "Mean ± std over seeds (metrics in %). Δ MAP@R is the paired difference to the "
+        "row's baseline (same seed), mean ± std over seeds.",
+        "",
+        "| method | seeds | " + " | ".join(columns) + " | Δ MAP@R vs baseline |",
+        "|" + "---|" * (len(columns) + 3),
+    ]
+    for row in rows:
+        recs = by_method.get(row.method, [])
+        cells = [mean_std([float(r[c]) for r in recs]) for c in columns]
+        delta = "—"
+        if row.baseline:
+            base = {
+                int(r["seed"]): float(r["map_at_r"]) for r in by_method[row.baseline]
+            }
+            diffs = [
+                float(r["map_at_r"]) - base[int(r["seed"])]
+                for r in recs
+                if int(r["seed"]) in base
+            ]
+            delta = f"{mean_std(diffs)} (vs {row.baseline})"
+        lines.append(
+            f"| {row.method} | {len(recs)} | " + " | ".join(cells) + f" | {delta} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(records: Dict[tuple, dict], rows: List[Row], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = [r.method for r in rows if any(m == r.method for m, _ in records)]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4 + 0.1 * len(methods)))
+    for ax, column, label in zip(
+        axes, ("map_at_r", "recall_at_1"), ("MAP@R (%)", "Recall@1 (%)")
+    ):
+        means, stds = [], []
+        for method in methods:
+            values = [
+                float(rec[column]) for (m, _), rec in records.items() if m == method
+            ]
+            means.append(statistics.mean(values))
+            stds.append(statistics.stdev(values) if len(values) > 1 else 0.0)
+        ax.barh(methods, means, xerr=stds, capsize=3, color="tab:blue")
+        ax.set_xlabel(label)
+        ax.set_xlim(min(means) - 3 * max(stds + [1]), max(means) + 3 * max(stds + [1]))
+        ax.invert_yaxis()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: Sequence[str] = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--dataset", default="glyphs", choices=("glyphs", "cub"))
+    parser.add_argument("--data-root", default="data")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--methods", nargs="+", help="only these rows (default: all)")
+    parser.add_argument("--results-dir", default=str(HERE / "results"))
+    parser.add_argument("--num-threads", type=int, default=2)
+    parser.add_argument(
+        "--quick", action="store_true", help="tiny smoke run (<= 3 min)"
+    )
+    parser.add_argument(
+        "extra", nargs="*", help="more example flags for every row (after --)"
+    )
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    rows = [r for r in ROWS if not args.methods or r.method in args.methods]
+    unknown = set(args.methods or ()) - {r.method for r in ROWS}
+    if unknown:
+        parser.error(
+            f"unknown methods {sorted(unknown)}; choose from {[r.method for r in ROWS]}"
+        )
+    extra = ["--data-root", args.data_root, "--num-threads", str(args.num_threads)]
+    extra += (QUICK if args.quick else PROTOCOL) + args.extra
+    name = args.dataset + ("-quick" if args.quick else "")
+    results_dir = Path(args.results_dir)
+    results_dir.mkdir(parents=True, exist_ok=True)
+    csv_path = results_dir / f"{name}.csv"
+    done = read_done(csv_path)
+    todo = [(r, s) for r in rows for s in args.seeds if (r.method, s) not in done]
+    print(f"{len(done)} runs done, {len(todo)} to go -> {csv_path}", flush=True)
+    example = load_example()
+    for i, (row, seed) in enumerate(todo, 1):
+        record = run_one(example, row, args.dataset, seed, extra)
+        new_file = not csv_path.exists()
+        with csv_path.open("a", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=COLUMNS)
+            if new_file:
+                writer.writeheader()
+            writer.writerow(record)
+        done[(row.method, seed)] = record
+        print(
+            f"[{i}/{len(todo)}] {row.method} seed {seed}: MAP@R {record['map_at_r']} "
+            f"R@1 {record['recall_at_1']} ({record['train_seconds']} s)",
+            flush=True,
+        )
+    protocol = " ".join(extra)
+    title = f"{args.dataset}: accuracy benchmark (`{protocol}`)"
+    (results_dir / f"{name}.md").write_text(summarise(done, rows, title))
+    plot(done, rows, results_dir / f"{name}.png")
+    print(f"wrote {results_dir / name}.{{csv,md,png}}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
