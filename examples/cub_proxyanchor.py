@@ -37,7 +37,14 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import numpy as np
 import torch
 from PIL import Image
-from pytorch_metric_learning import datasets, losses, samplers, testers, trainers
+from pytorch_metric_learning import (
+    datasets,
+    losses,
+    miners,
+    samplers,
+    testers,
+    trainers,
+)
 from pytorch_metric_learning.utils import common_functions as c_f
 from torch import nn
 
@@ -79,6 +86,9 @@ PROXY_LOSSES = {
     "large_margin_softmax": losses.LargeMarginSoftmaxLoss,
     "subcenter_arcface": losses.SubCenterArcFaceLoss,
 }
+# Tuple losses: PML's MarginLoss with its distance-weighted miner (Wu et al. 2017), the
+# Sharing Matters baseline. Proxy Synthesis does not apply to them.
+TUPLE_LOSSES = ("margin",)
 TRUNKS = ("resnet50", "resnet18", "small_conv")
 # Options that fix the shapes of saved models: --resume refuses to change them.
 STRUCTURAL_OPTIONS = (
@@ -225,8 +235,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep the trunk's BatchNorm statistics fixed during training")
 
     g = p.add_argument_group("loss")
-    g.add_argument("--loss", choices=tuple(PROXY_LOSSES), default="proxy_anchor",
-                   help="PML proxy loss")
+    g.add_argument("--loss", choices=tuple(PROXY_LOSSES) + TUPLE_LOSSES,
+                   default="proxy_anchor",
+                   help="PML proxy loss, or margin: PML's MarginLoss (learned beta) with "
+                        "its DistanceWeightedMiner (needs --no-ps)")
     g.add_argument("--proxy-anchor-margin", type=float, default=0.1,
                    help="ProxyAnchorLoss margin")
     g.add_argument("--proxy-anchor-alpha", type=pos_float, default=32.0,
@@ -245,6 +257,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "row i with row i-1 (official; adjacent labels must differ)")
     g.add_argument("--ps-lam-per", choices=("batch", "pair"), default="batch",
                    help="Proxy Synthesis: one lambda per batch (paper) or per pair")
+    g.add_argument("--ps-positive-divisor", choices=("all", "real"), default=None,
+                   help="Proxy Synthesis over proxy_anchor: divide the positive term by "
+                        "all proxies with a positive (official) or by the real ones only "
+                        "(default: real for proxy_anchor)")
     g.add_argument("--shared-head", action="store_true",
                    help="add the Sharing Matters shared head, trained by a margin loss on "
                         "inter-class triplets (PML's CascadedEmbeddings trainer)")
@@ -257,7 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--shared-cutoff", type=nonneg_float, default=0.5,
                    help="SharedCharacteristicsMiner lower distance cutoff")
     g.add_argument("--beta-lr", type=pos_float, default=5e-4,
-                   help="learning rate of the shared margin loss's class-wise beta")
+                   help="learning rate of the margin losses' class-wise beta")
     g.add_argument("--decorrelation-rho", type=nonneg_float, default=0.0,
                    help="with --shared-head: weight of the adversarial decorrelation of "
                         "the two heads (0: off)")
@@ -367,6 +383,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         (args.decorrelation_rho > 0 and not args.shared_head,
          "--decorrelation-rho needs --shared-head"),
         (args.ps and args.ps_mu == 0, "--ps-mu 0 turns Proxy Synthesis off: use --no-ps"),
+        (args.ps and args.loss in TUPLE_LOSSES,
+         f"--loss {args.loss} is not a proxy loss: Proxy Synthesis needs --no-ps"),
+        (args.ps_positive_divisor is not None and args.loss != "proxy_anchor",
+         "--ps-positive-divisor needs --loss proxy_anchor"),
         (recall_k.isdigit() and int(recall_k) not in args.recall_ks,
          f"--primary-metric {args.primary_metric} needs its K in --recall-ks"),
     ]
@@ -374,6 +394,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     for failed, message in checks:
         if failed:
             parser.error(message)
+    if args.ps_positive_divisor is None:
+        args.ps_positive_divisor = "real" if args.loss == "proxy_anchor" else "all"
     try:
         args.device = str(torch.device(args.device))
     except RuntimeError as e:
@@ -692,16 +714,19 @@ class LossSetup(NamedTuple):
 
 
 def build_class_loss(args: argparse.Namespace, num_classes: int) -> nn.Module:
-    """The proxy loss over ``num_classes`` classes, wrapped in Proxy Synthesis unless --no-ps."""
-    kwargs: Dict[str, Any] = {
-        "num_classes": num_classes,
-        "embedding_size": args.embedding_size,
-    }
+    """The class loss over ``num_classes`` classes: a proxy loss, wrapped in Proxy
+    Synthesis unless --no-ps, or (--loss margin) PML's MarginLoss with a learned beta."""
+    kwargs: Dict[str, Any] = {"num_classes": num_classes}
+    if args.loss != "margin":
+        kwargs["embedding_size"] = args.embedding_size
     if args.loss == "proxy_anchor":
         kwargs.update(margin=args.proxy_anchor_margin, alpha=args.proxy_anchor_alpha)
     kwargs.update(args.loss_kwargs)
+    loss_class = losses.MarginLoss if args.loss == "margin" else PROXY_LOSSES[args.loss]
+    if args.loss == "margin":
+        kwargs.setdefault("learn_beta", True)
     try:
-        loss = PROXY_LOSSES[args.loss](**kwargs)
+        loss = loss_class(**kwargs)
     except TypeError as e:
         raise SetupError(
             f"--loss {args.loss} with --loss-kwargs {args.loss_kwargs}: {e}"
@@ -713,6 +738,7 @@ def build_class_loss(args: argparse.Namespace, num_classes: int) -> nn.Module:
             mu=args.ps_mu,
             pairing=args.ps_pairing,
             lam_per=args.ps_lam_per,
+            positive_divisor=args.ps_positive_divisor,
         )
     return loss
 
@@ -722,8 +748,15 @@ def build_loss(args: argparse.Namespace, num_classes: int) -> LossSetup:
     ``metric_loss_0/1`` (+ ``tuple_miner_1``) for the shared head's CascadedEmbeddings."""
     device = torch.device(args.device)
     class_loss = build_class_loss(args, num_classes).to(device)
+    # MarginLoss learns from the tuples of PML's distance-weighted miner (Wu et al.)
+    class_miner = (
+        miners.DistanceWeightedMiner(cutoff=0.5, nonzero_loss_cutoff=1.4)
+        if args.loss in TUPLE_LOSSES
+        else None
+    )
     if not args.shared_head:
-        return LossSetup({"metric_loss": class_loss}, {}, {"metric_loss": 1.0})
+        mining = {"tuple_miner": class_miner} if class_miner else {}
+        return LossSetup({"metric_loss": class_loss}, mining, {"metric_loss": 1.0})
     loss_funcs = {
         "metric_loss_0": class_loss,
         "metric_loss_1": losses.MarginLoss(learn_beta=True, num_classes=num_classes).to(
@@ -739,7 +772,10 @@ def build_loss(args: argparse.Namespace, num_classes: int) -> LossSetup:
     miner = SharedCharacteristicsMiner(
         strategy=args.shared_strategy, cutoff=args.shared_cutoff
     )
-    return LossSetup(loss_funcs, {"tuple_miner_1": miner}, weights)
+    mining = {"tuple_miner_1": miner}
+    if class_miner:
+        mining["tuple_miner_0"] = class_miner
+    return LossSetup(loss_funcs, mining, weights)
 
 
 def synthesis_loss(loss_funcs: Dict[str, nn.Module]) -> Optional[ProxySynthesisLoss]:
@@ -771,7 +807,7 @@ def build_optimizers(
         params = list(loss.parameters())
         if not params:
             continue
-        if key == "metric_loss_1":  # the shared margin loss's beta
+        if isinstance(loss, losses.MarginLoss):  # a margin loss's class-wise beta
             optimizers[f"{key}_optimizer"] = adamw(
                 params, args.beta_lr, weight_decay=0.0
             )

@@ -32,12 +32,15 @@ class ProxySpec:
     centers_attr: attribute holding k, the number of centres per class (None: k = 1).
     class_count_attrs: attributes that hard-code the class count; the wrapper sets them
         for C + M classes for the duration of one call.
+    positive_term: key of the loss-dict term that is averaged over the proxies with a
+        positive in the batch (its ``divisor``), for ``positive_divisor="real"``.
     """
 
     param: str
     classes_on_rows: bool
     centers_attr: Optional[str] = None
     class_count_attrs: Dict[str, ClassCountPatch] = field(default_factory=dict)
+    positive_term: Optional[str] = None
 
 
 _NUM_CLASSES = {"num_classes": _count}
@@ -45,7 +48,10 @@ _LARGE_MARGIN = ProxySpec("W", classes_on_rows=False, class_count_attrs=_NUM_CLA
 
 PROXY_SPECS: Dict[Type[torch.nn.Module], ProxySpec] = {
     losses.ProxyAnchorLoss: ProxySpec(
-        "proxies", classes_on_rows=True, class_count_attrs=_NUM_CLASSES
+        "proxies",
+        classes_on_rows=True,
+        class_count_attrs=_NUM_CLASSES,
+        positive_term="pos_loss",
     ),
     losses.ProxyNCALoss: ProxySpec(
         "proxies", classes_on_rows=True, class_count_attrs={"proxy_labels": _arange}

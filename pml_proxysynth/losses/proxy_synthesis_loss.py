@@ -7,6 +7,7 @@ from typing import Iterator, NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 from pytorch_metric_learning.losses import BaseMetricLossFunction
+from pytorch_metric_learning.reducers import DivisorReducer, MultipleReducers
 from pytorch_metric_learning.utils import common_functions as c_f
 from torch.func import functional_call
 
@@ -14,6 +15,7 @@ from .proxy_specs import ProxySpec, find_proxy_spec
 
 PAIRINGS = ("random", "roll")
 LAMBDA_MODES = ("batch", "pair")
+POSITIVE_DIVISORS = ("all", "real")
 
 
 class Synthesis(NamedTuple):
@@ -51,6 +53,11 @@ class ProxySynthesisLoss(BaseMetricLossFunction):
             batch, e.g. MPerClassSampler's); "roll" is the official pairing of row i with
             row i-1 (then i-2, ... when mu > 1) and raises if a pair shares a class.
         lam_per: "batch" draws one lam per batch (the paper); "pair" one per synthetic row.
+        positive_divisor: for losses that average a positive term over the proxies with a
+            positive in the batch (ProxyAnchorLoss): "all" (the official behaviour) divides
+            it by the real and the M synthetic such proxies, so the synthetic ones, each
+            with a single positive, dilute the real classes' pull; "real" divides it by the
+            real classes in the batch only, as without synthesis.
         generator: optional ``torch.Generator`` for the pairs and lam; otherwise torch's
             global RNG, so ``torch.manual_seed`` makes runs reproducible.
 
@@ -66,6 +73,7 @@ class ProxySynthesisLoss(BaseMetricLossFunction):
         mu: float = 1.0,
         pairing: str = "random",
         lam_per: str = "batch",
+        positive_divisor: str = "all",
         generator: Optional[torch.Generator] = None,
         **kwargs,
     ):
@@ -79,11 +87,26 @@ class ProxySynthesisLoss(BaseMetricLossFunction):
             raise ValueError(f"pairing must be one of {PAIRINGS}, got {pairing!r}")
         if lam_per not in LAMBDA_MODES:
             raise ValueError(f"lam_per must be one of {LAMBDA_MODES}, got {lam_per!r}")
+        if positive_divisor not in POSITIVE_DIVISORS:
+            raise ValueError(
+                f"positive_divisor must be one of {POSITIVE_DIVISORS}, "
+                f"got {positive_divisor!r}"
+            )
+        if positive_divisor == "real" and not isinstance(
+            _term_reducer(loss.reducer, self.spec.positive_term), DivisorReducer
+        ):
+            raise ValueError(
+                "positive_divisor='real' needs a loss that averages its positive term "
+                "over the proxies with a positive, with PML's DivisorReducer "
+                f"(ProxyAnchorLoss with its default reducer); got {type(loss).__name__} "
+                f"with {type(loss.reducer).__name__}"
+            )
         self.loss = loss
         self.alpha = float(alpha)
         self.mu = float(mu)
         self.pairing = pairing
         self.lam_per = lam_per
+        self.positive_divisor = positive_divisor
         self.generator = generator
         self.add_to_recordable_attributes(list_of_names=["alpha", "mu"], is_stat=False)
         self.add_to_recordable_attributes(
@@ -115,7 +138,7 @@ class ProxySynthesisLoss(BaseMetricLossFunction):
         num_classes = synthesis.proxies.shape[0]
         proxies = synthesis.proxies.reshape(-1, synthesis.proxies.shape[-1])
         param = proxies if self.spec.classes_on_rows else proxies.t()
-        with self._class_count_patched(num_classes):
+        with self._patched(num_classes, num_classes - len(synthesis.pairs)):
             return functional_call(
                 self.loss,
                 {self.spec.param: param},
@@ -269,11 +292,21 @@ class ProxySynthesisLoss(BaseMetricLossFunction):
             yield
 
     @contextlib.contextmanager
-    def _class_count_patched(self, num_classes: int) -> Iterator[None]:
-        saved = {name: getattr(self.loss, name) for name in self.spec.class_count_attrs}
+    def _patched(self, num_classes: int, num_real_classes: int) -> Iterator[None]:
+        """Sets the inner loss's class-count attributes for ``num_classes`` classes (and,
+        for positive_divisor="real", its reducer) for the duration of one call."""
+        patches = {
+            name: value_for(num_classes)
+            for name, value_for in self.spec.class_count_attrs.items()
+        }
+        if self.positive_divisor == "real":
+            patches["reducer"] = _RealPositiveDivisor(
+                self.loss.reducer, self.spec.positive_term, num_real_classes
+            )
+        saved = {name: getattr(self.loss, name) for name in patches}
         try:
-            for name, value_for in self.spec.class_count_attrs.items():
-                setattr(self.loss, name, value_for(num_classes))
+            for name, value in patches.items():
+                setattr(self.loss, name, value)
             yield
         finally:
             for name, value in saved.items():
@@ -287,6 +320,33 @@ class ProxySynthesisLoss(BaseMetricLossFunction):
         else:
             self.num_synthetic_classes = len(synthesis.pairs)
             self.lam = synthesis.lam.float().mean().item()
+
+
+def _term_reducer(
+    reducer: torch.nn.Module, term: Optional[str]
+) -> Optional[torch.nn.Module]:
+    """The reducer that reduces loss-dict ``term`` (unwrapping ``MultipleReducers``)."""
+    if term is None:
+        return None
+    if isinstance(reducer, MultipleReducers):
+        subs = reducer.reducers
+        return subs[term] if term in subs else reducer.default_reducer
+    return reducer
+
+
+class _RealPositiveDivisor(torch.nn.Module):
+    """Wraps a loss's reducer so that the positive term is divided by the number of real
+    classes (labels < ``num_real_classes``) in the batch instead of all proxies with a
+    positive."""
+
+    def __init__(self, reducer: torch.nn.Module, term: str, num_real_classes: int):
+        super().__init__()
+        self.reducer, self.term, self.num_real_classes = reducer, term, num_real_classes
+
+    def forward(self, loss_dict, embeddings, labels):
+        real = torch.unique(labels) < self.num_real_classes
+        loss_dict[self.term]["divisor"] = int(real.sum())
+        return self.reducer(loss_dict, embeddings, labels)
 
 
 def _normalized_mix(

@@ -5,7 +5,7 @@ import numpy as np
 import scipy.stats
 import torch
 import torch.nn.functional as F
-from pytorch_metric_learning import losses, samplers, trainers
+from pytorch_metric_learning import losses, reducers, samplers, trainers
 from pytorch_metric_learning.utils import distributed
 
 from pml_proxysynth.losses import ProxySynthesisLoss
@@ -181,6 +181,85 @@ class TestEveryLossAgainstFreshInstance(unittest.TestCase):
             self.assertTrue(torch.allclose(syn.proxies[NUM_CLASSES + m], expected_p))
             self.assertEqual(syn.labels[BATCH_SIZE + m].item(), NUM_CLASSES + m)
         self.assertTrue(torch.allclose(syn.proxies[:NUM_CLASSES], centres))
+
+
+def proxy_anchor_formula(x, p, labels, num_real_classes, margin, alpha, divisor):
+    """Proxy-Anchor (Kim et al. 2020) written out on unit vectors: the positive term is
+    summed over proxies with a positive and divided by ``divisor`` ("all": those
+    proxies; "real": only the real ones among them), the negative term over all proxies."""
+    cos = x @ p.t()
+    pos_mask = F.one_hot(labels, p.shape[0]).bool()
+    pos_exp = torch.where(pos_mask, torch.exp(-alpha * (cos - margin)), 0).sum(0)
+    neg_exp = torch.where(~pos_mask, torch.exp(alpha * (cos + margin)), 0).sum(0)
+    with_pos = pos_mask.any(0)
+    pos = torch.log1p(pos_exp)[with_pos].sum()
+    neg = torch.log1p(neg_exp).sum() / p.shape[0]
+    if divisor == "all":
+        return pos / with_pos.sum() + neg
+    return pos / with_pos[:num_real_classes].sum() + neg
+
+
+class TestPositiveDivisor(unittest.TestCase):
+    def test_equals_proxy_anchor_formula(self):
+        for dtype in TEST_DTYPES:
+            if dtype == torch.float16:
+                continue  # exp(alpha * cos) with alpha 32 overflows float16 by hand
+            for divisor in ("all", "real"):
+                for mu in (0.5, 1.0, 2.0):
+                    with self.subTest(dtype=dtype, divisor=divisor, mu=mu):
+                        torch.manual_seed(0)
+                        inner = losses.ProxyAnchorLoss(NUM_CLASSES, EMBEDDING_SIZE)
+                        inner = inner.to(TEST_DEVICE, dtype)
+                        wrapper = ProxySynthesisLoss(
+                            inner, mu=mu, positive_divisor=divisor
+                        )
+                        emb = torch.randn(
+                            BATCH_SIZE, EMBEDDING_SIZE, device=TEST_DEVICE
+                        )
+                        emb = emb.to(dtype)
+                        labels = torch.randint(0, 5, (BATCH_SIZE,), device=TEST_DEVICE)
+                        torch.manual_seed(1)
+                        syn = wrapper.synthesize(emb, labels)
+                        torch.manual_seed(1)
+                        loss = wrapper(emb, labels)
+                        expected = proxy_anchor_formula(
+                            syn.embeddings, syn.proxies, syn.labels,
+                            NUM_CLASSES, inner.margin, inner.alpha, divisor,
+                        )  # fmt: skip
+                        self.assertTrue(
+                            torch.isclose(loss, expected, rtol=1e-5), (loss, expected)
+                        )
+
+    def test_real_divisor_strengthens_the_real_pull(self):
+        torch.manual_seed(0)
+        emb = torch.randn(BATCH_SIZE, EMBEDDING_SIZE)
+        labels = torch.randint(0, 5, (BATCH_SIZE,))
+        results = {}
+        for divisor in ("all", "real"):
+            torch.manual_seed(2)
+            inner = losses.ProxyAnchorLoss(NUM_CLASSES, EMBEDDING_SIZE)
+            wrapper = ProxySynthesisLoss(inner, positive_divisor=divisor)
+            torch.manual_seed(1)
+            results[divisor] = wrapper(emb, labels)
+        # same synthesis, positive term divided by fewer proxies
+        self.assertGreater(results["real"].item(), results["all"].item())
+
+    def test_inner_reducer_restored_and_bad_combinations(self):
+        inner = losses.ProxyAnchorLoss(NUM_CLASSES, EMBEDDING_SIZE)
+        reducer = inner.reducer
+        wrapper = ProxySynthesisLoss(inner, positive_divisor="real")
+        wrapper(torch.randn(6, EMBEDDING_SIZE), torch.arange(6))
+        self.assertIs(inner.reducer, reducer)
+        with self.assertRaisesRegex(ValueError, "positive_divisor must be one of"):
+            ProxySynthesisLoss(inner, positive_divisor="synthetic")
+        for bad in (
+            losses.NormalizedSoftmaxLoss(NUM_CLASSES, EMBEDDING_SIZE),
+            losses.ProxyAnchorLoss(
+                NUM_CLASSES, EMBEDDING_SIZE, reducer=reducers.MeanReducer()
+            ),
+        ):
+            with self.assertRaisesRegex(ValueError, "DivisorReducer"):
+                ProxySynthesisLoss(bad, positive_divisor="real")
 
 
 class TestPairing(unittest.TestCase):
