@@ -233,8 +233,10 @@ class ProxySynthesisLoss(BaseMetricLossFunction):
 
     def _draw_pairs(self, labels: torch.Tensor, num_pairs: int) -> torch.Tensor:
         """[num_pairs, 2] batch indices of different-class pairs."""
+        if num_pairs == 0:
+            return torch.empty(0, 2, dtype=torch.long, device=labels.device)
         batch_size = len(labels)
-        rounds = math.ceil(num_pairs / batch_size) if batch_size else 0
+        rounds = math.ceil(num_pairs / batch_size)
         if self.pairing == "roll":
             index = torch.arange(batch_size, device=labels.device)
             first = index.repeat(rounds)

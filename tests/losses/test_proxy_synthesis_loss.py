@@ -392,6 +392,19 @@ class TestBareLossCases(unittest.TestCase):
                         torch.equal(wrapper(emb, labels), bare(emb, labels))
                     )
 
+    def test_synthesize_without_synthetic_classes(self):
+        inner = losses.ProxyAnchorLoss(NUM_CLASSES, EMBEDDING_SIZE)
+        emb = torch.randn(5, EMBEDDING_SIZE)
+        for mu, labels in ((0.0, torch.arange(5)), (1.0, torch.full((5,), 3))):
+            with self.subTest(mu=mu):
+                syn = ProxySynthesisLoss(inner, mu=mu).synthesize(emb, labels)
+                self.assertEqual(syn.pairs.shape, (0, 2))
+                self.assertTrue(torch.equal(syn.labels, labels))
+                self.assertTrue(torch.allclose(syn.embeddings, F.normalize(emb)))
+                self.assertTrue(
+                    torch.allclose(syn.proxies, F.normalize(inner.proxies, dim=1))
+                )
+
     def test_stats(self):
         wrapper = ProxySynthesisLoss(
             losses.ProxyAnchorLoss(5, EMBEDDING_SIZE), mu=0.5, collect_stats=True
