@@ -55,6 +55,7 @@ from pml_proxysynth.utils import (
     DecorrelatedCascadedEmbeddings,
     HeadDecorrelationLoss,
     TwoHeadEmbedder,
+    with_autocast,
 )
 from pml_proxysynth.utils.accuracy_calculator import (
     RecallAtKAccuracyCalculator,
@@ -343,6 +344,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="DataLoader worker processes (0: load in the main process)")
     g.add_argument("--num-threads", type=nonneg_int, default=0,
                    help="torch CPU threads (0: torch's default)")
+    g.add_argument("--amp", action="store_true",
+                   help="mixed precision: autocast to bfloat16 on CPU, float16 with a "
+                        "GradScaler on CUDA")
     # fmt: on
     return p
 
@@ -861,13 +865,22 @@ def build_trainer(
         end_of_iteration_hook=end_of_iteration_hook,
         end_of_epoch_hook=end_of_epoch_hook,
     )
+    if not args.shared_head:
+        trainer_class, sizes = trainers.MetricLossOnly, ()
+    else:
+        trainer_class = (
+            DecorrelatedCascadedEmbeddings
+            if args.decorrelation_rho > 0
+            else trainers.CascadedEmbeddings
+        )
+        sizes = (models["embedder"].embedding_sizes,)
+    if args.amp:
+        trainer_class = with_autocast(trainer_class)
+        on_cuda = torch.device(args.device).type == "cuda"
+        common["amp_dtype"] = torch.float16 if on_cuda else torch.bfloat16
+        common["grad_scaler"] = torch.amp.GradScaler("cuda") if on_cuda else None
     with _quiet_pml():
-        if not args.shared_head:
-            return trainers.MetricLossOnly(**common)
-        sizes = models["embedder"].embedding_sizes
-        if args.decorrelation_rho > 0:
-            return DecorrelatedCascadedEmbeddings(sizes, **common)
-        return trainers.CascadedEmbeddings(sizes, **common)
+        return trainer_class(*sizes, **common)
 
 
 # ----------------------------------------------------------------------- evaluation

@@ -1,4 +1,5 @@
 from .accuracy_calculator import RecallAtKAccuracyCalculator
+from .autocast_trainer import AutocastTrainerMixin, with_autocast
 from .decorrelated_cascaded_embeddings import DecorrelatedCascadedEmbeddings
 from .figures import plot_embeddings, plot_learning_curves, plot_synthesis
 from .head_decorrelation import (

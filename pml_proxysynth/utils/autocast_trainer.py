@@ -1,0 +1,65 @@
+"""Mixed-precision training for PML's trainers: autocast and an optional GradScaler."""
+
+from typing import Optional, Type
+
+import torch
+from pytorch_metric_learning.trainers import BaseTrainer
+from pytorch_metric_learning.utils import common_functions as c_f
+
+
+class AutocastTrainerMixin:
+    """Runs a PML trainer's forward pass and losses under ``torch.autocast``.
+
+    Mix it in before a PML trainer class (or use ``with_autocast``). ``amp_dtype`` is the
+    autocast dtype on the device of ``data_device`` (bfloat16 on CPU, float16 on CUDA are
+    the usual choices); None turns autocast off. ``grad_scaler`` (a ``torch.amp.GradScaler``,
+    for float16) scales the loss before ``backward`` and steps the optimizers through it,
+    so gradients that overflow skip the step instead of corrupting the weights. Everything
+    else is the PML trainer, unchanged.
+    """
+
+    def __init__(
+        self,
+        *args,
+        amp_dtype: Optional[torch.dtype] = None,
+        grad_scaler: Optional["torch.amp.GradScaler"] = None,
+        **kwargs,
+    ):
+        super().__init__(*args, **kwargs)
+        if grad_scaler is not None and self.gradient_clippers:
+            raise ValueError(
+                "grad_scaler with gradient_clippers is not supported: the clippers "
+                "would see scaled gradients"
+            )
+        self.amp_dtype = amp_dtype
+        self.grad_scaler = grad_scaler
+
+    def calculate_loss(self, curr_batch):
+        device_type = torch.device(self.data_device).type
+        with torch.autocast(
+            device_type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None
+        ):
+            super().calculate_loss(curr_batch)
+
+    def backward(self):
+        if self.grad_scaler is None:
+            return super().backward()
+        self.grad_scaler.scale(self.losses["total_loss"]).backward()
+
+    def step_optimizers(self):
+        if self.grad_scaler is None:
+            return super().step_optimizers()
+        for name, optimizer in self.optimizers.items():
+            if c_f.regex_replace("_optimizer$", "", name) not in self.freeze_these:
+                self.grad_scaler.step(optimizer)
+        self.grad_scaler.update()
+
+
+def with_autocast(trainer_class: Type[BaseTrainer]) -> Type[BaseTrainer]:
+    """``trainer_class`` with ``AutocastTrainerMixin``: same arguments, plus
+    ``amp_dtype`` and ``grad_scaler``."""
+    return type(
+        f"Autocast{trainer_class.__name__}",
+        (AutocastTrainerMixin, trainer_class),
+        {"__doc__": f"{trainer_class.__name__} under torch.autocast (see the mixin)."},
+    )

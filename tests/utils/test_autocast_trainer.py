@@ -1,0 +1,141 @@
+"""AutocastTrainerMixin / with_autocast on PML's MetricLossOnly and CascadedEmbeddings."""
+
+import logging
+import unittest
+
+import torch
+from pytorch_metric_learning import losses, trainers
+from pytorch_metric_learning.utils import common_functions as c_f
+
+from pml_proxysynth.losses import ProxySynthesisLoss
+from pml_proxysynth.utils import with_autocast
+
+from .. import TEST_DEVICE
+
+NUM_CLASSES, DIM = 6, 8
+
+
+class Dataset(torch.utils.data.Dataset):
+    def __init__(self, n=48):
+        g = torch.Generator().manual_seed(0)
+        self.labels = torch.arange(n) % NUM_CLASSES
+        self.data = torch.randn(n, 10, generator=g) + self.labels[:, None].float()
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return self.data[i], self.labels[i]
+
+
+class DtypeSpy(ProxySynthesisLoss):
+    """Records the dtype of the embeddings it receives."""
+
+    def forward(self, embeddings, labels=None, *args, **kwargs):
+        self.seen = getattr(self, "seen", []) + [embeddings.dtype]
+        return super().forward(embeddings, labels, *args, **kwargs)
+
+
+class InfLoss(losses.BaseMetricLossFunction):
+    """A loss whose gradient is inf: a GradScaler must skip the step."""
+
+    def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
+        loss = embeddings.float().sum() * float("inf")
+        return {"loss": {"losses": loss, "indices": None, "reduction_type": "already_reduced"}}  # fmt: skip
+
+
+def build(trainer_class, loss, iterations=3, key="metric_loss", **kwargs):
+    torch.manual_seed(0)
+    trunk = torch.nn.Linear(10, 16).to(TEST_DEVICE)
+    embedder = torch.nn.Linear(16, DIM).to(TEST_DEVICE)
+    loss = loss.to(TEST_DEVICE)
+    params = list(trunk.parameters()) + list(embedder.parameters())
+    optimizers = {
+        "trunk_optimizer": torch.optim.SGD(params, lr=0.1),
+        f"{key}_optimizer": torch.optim.SGD(loss.parameters(), lr=0.1)
+        if list(loss.parameters())
+        else None,
+    }
+    optimizers = {k: v for k, v in optimizers.items() if v is not None}
+    c_f.LOGGER.setLevel(logging.WARNING)
+    trainer = trainer_class(
+        models={"trunk": trunk, "embedder": embedder},
+        optimizers=optimizers,
+        batch_size=12,
+        loss_funcs={key: loss},
+        dataset=Dataset(),
+        iterations_per_epoch=iterations,
+        data_device=TEST_DEVICE,
+        dataloader_num_workers=0,
+        end_of_iteration_hook=lambda t: t.seen_losses.append(t.losses["total_loss"]),
+        **kwargs,
+    )
+    trainer.seen_losses = []
+    return trainer, trunk, embedder, loss
+
+
+def amp_dtype():
+    return torch.float16 if TEST_DEVICE.type == "cuda" else torch.bfloat16
+
+
+class TestAutocastTrainer(unittest.TestCase):
+    def test_losses_run_under_autocast(self):
+        inner = losses.ProxyAnchorLoss(NUM_CLASSES, DIM)
+        trainer, _, _, loss = build(
+            with_autocast(trainers.MetricLossOnly),
+            DtypeSpy(inner),
+            amp_dtype=amp_dtype(),
+        )
+        before = inner.proxies.detach().clone()
+        trainer.train(num_epochs=1)
+        self.assertEqual(set(loss.seen), {amp_dtype()})
+        self.assertTrue(all(torch.isfinite(x) for x in trainer.seen_losses))
+        self.assertEqual(inner.proxies.dtype, torch.float32)
+        self.assertFalse(torch.equal(before, inner.proxies.detach()))
+
+    def test_without_amp_dtype_equals_the_plain_trainer(self):
+        results = []
+        for trainer_class in (
+            trainers.MetricLossOnly,
+            with_autocast(trainers.MetricLossOnly),
+        ):
+            inner = losses.ProxyAnchorLoss(NUM_CLASSES, DIM)
+            trainer, trunk, _, _ = build(trainer_class, ProxySynthesisLoss(inner))
+            trainer.train(num_epochs=1)
+            results.append(
+                (trunk.weight.detach().clone(), inner.proxies.detach().clone())
+            )
+        for a, b in zip(*results):
+            self.assertTrue(torch.equal(a, b))
+
+    def test_grad_scaler_skips_overflowing_steps(self):
+        scaler = torch.amp.GradScaler(TEST_DEVICE.type, init_scale=2.0**8)
+        trainer, trunk, _, _ = build(
+            with_autocast(trainers.MetricLossOnly), InfLoss(), iterations=2,
+            amp_dtype=amp_dtype(), grad_scaler=scaler,
+        )  # fmt: skip
+        before = trunk.weight.detach().clone()
+        trainer.train(num_epochs=1)
+        self.assertTrue(torch.equal(before, trunk.weight.detach()))
+        self.assertLess(scaler.get_scale(), 2.0**8)
+
+    def test_grad_scaler_steps_finite_gradients(self):
+        scaler = torch.amp.GradScaler(TEST_DEVICE.type, init_scale=2.0**8)
+        inner = losses.ProxyAnchorLoss(NUM_CLASSES, DIM)
+        trainer, trunk, _, _ = build(
+            with_autocast(trainers.CascadedEmbeddings), ProxySynthesisLoss(inner),
+            key="metric_loss_0", embedding_sizes=[DIM], amp_dtype=amp_dtype(),
+            grad_scaler=scaler,
+        )  # fmt: skip
+        before = (trunk.weight.detach().clone(), inner.proxies.detach().clone())
+        trainer.train(num_epochs=1)
+        self.assertFalse(torch.equal(before[0], trunk.weight.detach()))
+        self.assertFalse(torch.equal(before[1], inner.proxies.detach()))
+
+    def test_grad_scaler_with_clippers_is_rejected(self):
+        scaler = torch.amp.GradScaler(TEST_DEVICE.type)
+        with self.assertRaisesRegex(ValueError, "gradient_clippers"):
+            build(
+                with_autocast(trainers.MetricLossOnly), InfLoss(), grad_scaler=scaler,
+                gradient_clippers={"trunk_grad_clipper": lambda: None},
+            )  # fmt: skip
