@@ -1,5 +1,6 @@
 """End-to-end and bad-input tests of examples/cub_proxyanchor.py (tiny data, CPU, seconds)."""
 
+import copy
 import importlib.util
 import json
 import os
@@ -142,6 +143,61 @@ def test_cub_layout_end_to_end_and_resume(ex, cub_root, tmp_path, caplog):
     assert "trunk_2.pth" in models and "trunk_1.pth" not in models
     assert accuracy_epochs(out) == [1, 2]
     assert json.loads((out / "results.json").read_text())["epochs"] == 2
+
+
+def test_resume_after_interruption_restores_proxies_and_optimizer(
+    ex, cub_root, tmp_path, monkeypatch
+):
+    """Killed mid-epoch, a run resumes from its last checkpoint: the trainer starts with
+    exactly the saved proxies and optimizer state."""
+    from pytorch_metric_learning.trainers import BaseTrainer
+
+    out = tmp_path / "run"
+    flags = cub_args(cub_root, out, "--trunk", "small_conv", "--no-pretrained", "--no-plots")  # fmt: skip
+    assert ex.main(flags) == 0
+    saved_loss = torch.load(out / "models" / "metric_loss_1.pth")
+    saved_opt = torch.load(out / "models" / "metric_loss_optimizer_1.pth")
+
+    calls = []
+    original_step = BaseTrainer.forward_and_backward
+
+    def killed_in_second_iteration(trainer):
+        calls.append(trainer.iteration)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        original_step(trainer)
+
+    monkeypatch.setattr(BaseTrainer, "forward_and_backward", killed_in_second_iteration)
+    assert ex.main(flags + ["--resume", "--epochs", "2"]) == 130
+    monkeypatch.undo()
+    assert len(calls) == 2 and "metric_loss_1.pth" in os.listdir(out / "models")
+
+    started = {}
+    original_train = BaseTrainer.train
+
+    def recording_train(trainer, start_epoch=1, num_epochs=1):
+        started["epoch"] = start_epoch
+        started["loss"] = {
+            k: v.clone()
+            for k, v in trainer.loss_funcs["metric_loss"].state_dict().items()
+        }
+        started["opt"] = copy.deepcopy(
+            trainer.optimizers["metric_loss_optimizer"].state_dict()
+        )
+        return original_train(trainer, start_epoch, num_epochs)
+
+    monkeypatch.setattr(BaseTrainer, "train", recording_train)
+    assert ex.main(flags + ["--resume", "--epochs", "2"]) == 0
+    assert started["epoch"] == 2
+    assert started["loss"].keys() == saved_loss.keys()
+    for key, value in saved_loss.items():
+        assert torch.equal(started["loss"][key], value), key
+    (param_state,) = saved_opt["state"].values()
+    (resumed_state,) = started["opt"]["state"].values()
+    assert param_state.keys() == resumed_state.keys()
+    for key, value in param_state.items():
+        assert torch.equal(torch.as_tensor(resumed_state[key]), torch.as_tensor(value))
+    assert param_state["step"] > 0
 
 
 def test_glyphs_shared_head_end_to_end(ex, tmp_path):
