@@ -396,6 +396,11 @@ def test_output_dir_protection(ex, cub_root, tmp_path, capsys):
         (["--epochs", "0"], "must be > 0"),
         (["--crop-scale", "1.5"], "--crop-scale"),
         (["--primary-metric", "recall_at_1", "--recall-ks", "2", "4"], "needs its K"),
+        (["--loss", "margin"], "not a proxy loss"),
+        (
+            ["--loss", "arcface", "--ps-positive-divisor", "real"],
+            "needs --loss proxy_anchor",
+        ),  # fmt: skip
     ],
 )
 def test_bad_flag_combinations(ex, capsys, argv, message):
