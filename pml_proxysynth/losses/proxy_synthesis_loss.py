@@ -2,7 +2,7 @@
 
 import contextlib
 import math
-from typing import Iterator, NamedTuple, Optional
+from typing import Iterator, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -56,14 +56,36 @@ class ProxySynthesisLoss(BaseMetricLossFunction):
         positive_divisor: for losses that average a positive term over the proxies with a
             positive in the batch (ProxyAnchorLoss): "all" (the official behaviour) divides
             it by the real and the M synthetic such proxies, so the synthetic ones, each
-            with a single positive, dilute the real classes' pull; "real" divides it by the
-            real classes in the batch only, as without synthesis.
+            with a single positive, dilute the real classes' pull; "real" divides the real
+            proxies' share by the real classes in the batch only, as without synthesis
+            (the synthetic share keeps the official divisor).
         generator: optional ``torch.Generator`` for the pairs and lam; otherwise torch's
-            global RNG, so ``torch.manual_seed`` makes runs reproducible.
+            global RNG, so ``torch.manual_seed`` makes runs reproducible. Under
+            torch.distributed only rank 0's draw from it matters (see below).
 
     Synthesis is skipped (the bare inner loss is returned) when mu = 0, when the batch has a
     single class, and in eval mode. ``indices_tuple`` is rejected: PML proxy losses turn it
     into per-sample weights, which would give every synthetic row weight 0.
+
+    torch.distributed: inside PML's ``DistributedLossWrapper`` every rank computes the
+    loss on the gathered batch, so every rank must make the same synthesis, or the
+    losses and the proxy gradients differ between ranks and the proxies (which DDP does
+    not synchronise) drift apart. Seeding the ranks identically is not enough: PML puts
+    each rank's own rows first (rank r sees its rows, then those of ranks 0, ..., r-1,
+    r+1, ... in order), so equal draws would pick different rows on different ranks.
+    Hence, whenever a process group with more than one rank is initialised, each
+    training-mode call (and each ``synthesize``) is a collective: every rank draws a
+    seed from its ``generator`` (or the global RNG), rank 0's seed is broadcast, and all
+    ranks draw the pairs and lam from it on the batch put back in rank order (rank 0's
+    rows first), then map them to their own row order. The synthesis then equals a
+    single-process one on the concatenation of the ranks' batches, whatever the seeds
+    of the ranks; so call the loss on every rank, the same number of times. On
+    per-rank batches (the loss used without the wrapper) the draws stay valid, only
+    correlated across ranks. PML's wrapper multiplies the loss by the world size (for
+    DDP's gradient averaging), so the proxies' gradients are world size times those of
+    the single-process loss on the whole batch; nothing synchronises them, and as the
+    ranks sum their rows in different orders the proxies agree up to rounding only
+    (wrap the loss wrapper in DDP as well to all-reduce their gradients).
     """
 
     def __init__(
@@ -121,7 +143,7 @@ class ProxySynthesisLoss(BaseMetricLossFunction):
         """
         labels = c_f.to_device(labels, embeddings)
         self._check_inputs(embeddings, labels)
-        return self._synthesize(embeddings, labels)
+        return self._synthesize(embeddings, labels, self._shared_generator(embeddings))
 
     def num_synthetic_for(self, labels: torch.Tensor) -> int:
         """M for this batch: round(mu * B), or 0 when the batch holds a single class."""
@@ -156,11 +178,14 @@ class ProxySynthesisLoss(BaseMetricLossFunction):
                 "row weight 0. Use a sampler instead of a tuple miner for this loss."
             )
         self._check_inputs(embeddings, labels)
+        # before the skip test, so that all ranks take part in the broadcast even when
+        # their per-rank batches differ (the loss used without PML's wrapper)
+        shared = self._shared_generator(embeddings) if self.training else None
         if not self.training or self.num_synthetic_for(labels) == 0:
             self._record(None)
             loss = self.loss(embeddings, labels)
         else:
-            synthesis = self._synthesize(embeddings, labels)
+            synthesis = self._synthesize(embeddings, labels, shared)
             self._record(synthesis)
             loss = self.loss_on(synthesis)
         return {
@@ -172,14 +197,18 @@ class ProxySynthesisLoss(BaseMetricLossFunction):
         }
 
     # ------------------------------------------------------------------ helpers
-    def _synthesize(self, embeddings: torch.Tensor, labels: torch.Tensor) -> Synthesis:
+    def _synthesize(
+        self,
+        embeddings: torch.Tensor,
+        labels: torch.Tensor,
+        shared: Optional[torch.Generator] = None,
+    ) -> Synthesis:
         # Real rows are normalised once and not again after the concatenation: the result
         # equals the official re-normalisation of the whole set, at O(M) instead of O(C).
         proxies = F.normalize(self._class_proxies(embeddings), dim=-1)
         num_classes = proxies.shape[0]
         x = F.normalize(embeddings, dim=1)
-        pairs = self._draw_pairs(labels, self.num_synthetic_for(labels))
-        lam = self._draw_lam(len(pairs), embeddings)
+        pairs, lam = self._draw_pairs_and_lam(labels, embeddings, shared)
         parents = labels[pairs]
         x_syn = _normalized_mix(x[pairs[:, 0]], x[pairs[:, 1]], lam)
         p_syn = _normalized_mix(proxies[parents[:, 0]], proxies[parents[:, 1]], lam)
@@ -231,8 +260,46 @@ class ProxySynthesisLoss(BaseMetricLossFunction):
         if not torch.isfinite(embeddings).all():
             raise ValueError("embeddings contain NaN or inf")
 
-    def _draw_pairs(self, labels: torch.Tensor, num_pairs: int) -> torch.Tensor:
-        """[num_pairs, 2] batch indices of different-class pairs."""
+    def _shared_generator(self, like: torch.Tensor) -> Optional[torch.Generator]:
+        """Under torch.distributed with several ranks and mu > 0: a generator on
+        ``like``'s device seeded by rank 0's draw, the same on every rank (a collective);
+        otherwise None."""
+        if self.mu == 0 or _world_size() == 1:
+            return None
+        seed = torch.randint(
+            2**62,
+            (1,),
+            generator=self.generator,
+            device=self.generator.device if self.generator is not None else like.device,
+        ).to(like.device)
+        torch.distributed.broadcast(seed, src=0)
+        return torch.Generator(device=like.device).manual_seed(seed.item())
+
+    def _draw_pairs_and_lam(
+        self,
+        labels: torch.Tensor,
+        like: torch.Tensor,
+        shared: Optional[torch.Generator],
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The pairs and lam; with a ``shared`` generator, drawn on the rows put in rank
+        order and mapped back, so that all ranks pick the same rows of a gathered batch."""
+        num_pairs = self.num_synthetic_for(labels)
+        if shared is None:
+            pairs = self._draw_pairs(labels, num_pairs)
+            return pairs, self._draw_lam(len(pairs), like)
+        order = _rank_order(len(labels), labels.device)
+        pairs = self._draw_pairs(labels[order], num_pairs, shared)
+        return order[pairs], self._draw_lam(len(pairs), like, shared)
+
+    def _draw_pairs(
+        self,
+        labels: torch.Tensor,
+        num_pairs: int,
+        generator: Optional[torch.Generator] = None,
+    ) -> torch.Tensor:
+        """[num_pairs, 2] batch indices of different-class pairs, drawn from
+        ``generator`` (default: ``self.generator``)."""
+        generator = self.generator if generator is None else generator
         if num_pairs == 0:
             return torch.empty(0, 2, dtype=torch.long, device=labels.device)
         batch_size = len(labels)
@@ -255,43 +322,33 @@ class ProxySynthesisLoss(BaseMetricLossFunction):
                     "use pairing='random'"
                 )
             return pairs
-        device = self.generator.device if self.generator is not None else labels.device
+        device = generator.device if generator is not None else labels.device
         on_device = labels.to(device)
         first = torch.cat(
             [
-                torch.randperm(batch_size, generator=self.generator, device=device)
+                torch.randperm(batch_size, generator=generator, device=device)
                 for _ in range(rounds)
             ]
         )[:num_pairs]
-        scores = torch.rand(
-            num_pairs, batch_size, generator=self.generator, device=device
-        )
+        scores = torch.rand(num_pairs, batch_size, generator=generator, device=device)
         scores[on_device[first].unsqueeze(1) == on_device.unsqueeze(0)] = -1
         pairs = torch.stack([first, scores.argmax(dim=1)], dim=1)
         return pairs.to(labels.device)
 
-    def _draw_lam(self, num_pairs: int, like: torch.Tensor) -> torch.Tensor:
+    def _draw_lam(
+        self,
+        num_pairs: int,
+        like: torch.Tensor,
+        generator: Optional[torch.Generator] = None,
+    ) -> torch.Tensor:
         shape = (num_pairs,) if self.lam_per == "pair" else ()
         beta = torch.distributions.Beta(
             torch.tensor(self.alpha, dtype=torch.float64),
             torch.tensor(self.alpha, dtype=torch.float64),
         )
-        with self._rng_from_generator():
+        with _rng_from(self.generator if generator is None else generator):
             lam = beta.sample(shape)
         return lam.to(device=like.device, dtype=like.dtype)
-
-    @contextlib.contextmanager
-    def _rng_from_generator(self) -> Iterator[None]:
-        """Seeds a forked CPU RNG from ``self.generator`` (Beta sampling takes none)."""
-        if self.generator is None:
-            yield
-            return
-        seed = torch.randint(
-            2**62, (), generator=self.generator, device=self.generator.device
-        ).item()
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            yield
 
     @contextlib.contextmanager
     def _patched(self, num_classes: int, num_real_classes: int) -> Iterator[None]:
@@ -337,17 +394,24 @@ def _term_reducer(
 
 
 class _RealPositiveDivisor(torch.nn.Module):
-    """Wraps a loss's reducer so that the positive term is divided by the number of real
-    classes (labels < ``num_real_classes``) in the batch instead of all proxies with a
-    positive."""
+    """Wraps a loss's reducer so that the real proxies' share of the positive term is
+    divided by the number of real classes in the batch, as without synthesis; the
+    synthetic proxies' share keeps the official divisor (all proxies with a positive).
+
+    The term's per-proxy losses (indexed by proxy; real proxies are those below
+    ``num_real_classes``) are rescaled by divisor / real classes before the reduction.
+    """
 
     def __init__(self, reducer: torch.nn.Module, term: str, num_real_classes: int):
         super().__init__()
         self.reducer, self.term, self.num_real_classes = reducer, term, num_real_classes
 
     def forward(self, loss_dict, embeddings, labels):
-        real = torch.unique(labels) < self.num_real_classes
-        loss_dict[self.term]["divisor"] = int(real.sum())
+        term = loss_dict[self.term]
+        num_real = int((torch.unique(labels) < self.num_real_classes).sum())
+        real_proxy = term["indices"] < self.num_real_classes
+        scale = term["divisor"] / max(num_real, 1)
+        term["losses"] = torch.where(real_proxy, term["losses"] * scale, term["losses"])
         return self.reducer(loss_dict, embeddings, labels)
 
 
@@ -357,3 +421,39 @@ def _normalized_mix(
     """l2norm(lam * a + (1 - lam) * b) over the last dim; lam is a scalar or one per row."""
     lam = lam.reshape((-1,) + (1,) * (a.ndim - 1)) if lam.ndim else lam
     return F.normalize(lam * a + (1 - lam) * b, dim=-1)
+
+
+@contextlib.contextmanager
+def _rng_from(generator: Optional[torch.Generator]) -> Iterator[None]:
+    """Seeds a forked CPU RNG from ``generator`` (Beta sampling takes none); with None,
+    torch's global RNG is used as is."""
+    if generator is None:
+        yield
+        return
+    seed = torch.randint(2**62, (), generator=generator, device=generator.device).item()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def _world_size() -> int:
+    """Ranks in the default process group (1 without torch.distributed)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size()
+    return 1
+
+
+def _rank_order(num_rows: int, device: torch.device) -> torch.Tensor:
+    """order[k]: this rank's row of the k-th row of a gathered batch in rank order.
+
+    PML's ``all_gather`` puts this rank's block first, then the other ranks' blocks in
+    rank order (equal blocks). Rows that do not split into equal blocks keep their order.
+    """
+    world_size, rank = _world_size(), torch.distributed.get_rank()
+    if num_rows % world_size:
+        return torch.arange(num_rows, device=device)
+    block = torch.arange(world_size, device=device)
+    position = torch.where(block < rank, block + 1, block)
+    position[rank] = 0
+    rows = torch.arange(num_rows // world_size, device=device)
+    return (position.unsqueeze(1) * len(rows) + rows).reshape(-1)

@@ -184,19 +184,21 @@ class TestEveryLossAgainstFreshInstance(unittest.TestCase):
 
 
 def proxy_anchor_formula(x, p, labels, num_real_classes, margin, alpha, divisor):
-    """Proxy-Anchor (Kim et al. 2020) written out on unit vectors: the positive term is
-    summed over proxies with a positive and divided by ``divisor`` ("all": those
-    proxies; "real": only the real ones among them), the negative term over all proxies."""
+    """Proxy-Anchor (Kim et al. 2020) written out on unit vectors. The positive term sums
+    over the proxies with a positive; "all" divides it by their number, "real" divides
+    the real proxies' part by the number of real ones among them (the synthetic part
+    keeps the "all" divisor). The negative term averages over all proxies."""
     cos = x @ p.t()
     pos_mask = F.one_hot(labels, p.shape[0]).bool()
     pos_exp = torch.where(pos_mask, torch.exp(-alpha * (cos - margin)), 0).sum(0)
     neg_exp = torch.where(~pos_mask, torch.exp(alpha * (cos + margin)), 0).sum(0)
     with_pos = pos_mask.any(0)
-    pos = torch.log1p(pos_exp)[with_pos].sum()
+    pos = torch.log1p(pos_exp) * with_pos
     neg = torch.log1p(neg_exp).sum() / p.shape[0]
     if divisor == "all":
-        return pos / with_pos.sum() + neg
-    return pos / with_pos[:num_real_classes].sum() + neg
+        return pos.sum() / with_pos.sum() + neg
+    real, syn = pos[:num_real_classes].sum(), pos[num_real_classes:].sum()
+    return real / with_pos[:num_real_classes].sum() + syn / with_pos.sum() + neg
 
 
 class TestPositiveDivisor(unittest.TestCase):
@@ -507,16 +509,21 @@ def inner_state(loss):
     return params, attrs
 
 
+def assert_same_state(test: unittest.TestCase, before, after):
+    """Two ``inner_state`` results are equal."""
+    test.assertEqual(before[0], after[0])
+    test.assertEqual(before[1].keys(), after[1].keys())
+    for k, v in before[1].items():
+        w = after[1][k]
+        if torch.is_tensor(v):
+            test.assertTrue(torch.equal(v.cpu(), w.cpu()), k)
+        else:
+            test.assertEqual(v, w, k)
+
+
 class TestInnerLossUnchanged(unittest.TestCase):
     def assert_same_state(self, before, after):
-        self.assertEqual(before[0], after[0])
-        self.assertEqual(before[1].keys(), after[1].keys())
-        for k, v in before[1].items():
-            w = after[1][k]
-            if torch.is_tensor(v):
-                self.assertTrue(torch.equal(v.cpu(), w.cpu()), k)
-            else:
-                self.assertEqual(v, w, k)
+        assert_same_state(self, before, after)
 
     def test_after_a_call(self):
         for dtype in TEST_DTYPES:

@@ -11,7 +11,12 @@ from hypothesis import strategies as st
 from pml_proxysynth.losses import ProxySynthesisLoss
 
 from .. import TEST_DEVICE
-from .test_proxy_synthesis_loss import EMBEDDING_SIZE, build_losses, inner_state
+from .test_proxy_synthesis_loss import (
+    EMBEDDING_SIZE,
+    assert_same_state,
+    build_losses,
+    inner_state,
+)
 
 LOSS_NAMES = sorted(build_losses(2))
 COMPOSITIONS = ("one_class", "two_classes", "all_distinct", "random")
@@ -84,11 +89,4 @@ class TestProperties(unittest.TestCase):
         loss.backward()
         self.assertTrue(bool(torch.isfinite(emb.grad).all()))
 
-        after = inner_state(inner)
-        self.assertEqual(before[0], after[0])
-        for key, value in before[1].items():
-            other = after[1][key]
-            if torch.is_tensor(value):
-                self.assertTrue(torch.equal(value.cpu(), other.cpu()), key)
-            else:
-                self.assertEqual(value, other, key)
+        assert_same_state(self, before, inner_state(inner))
