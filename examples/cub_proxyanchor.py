@@ -18,6 +18,7 @@ classes (there is no separate validation split).
 """
 
 import argparse
+import copy
 import inspect
 import json
 import logging
@@ -46,7 +47,11 @@ from pytorch_metric_learning import (
     trainers,
 )
 from pytorch_metric_learning.utils import common_functions as c_f
+from pytorch_metric_learning.utils import distributed as pml_distributed
+from pytorch_metric_learning.utils import logging_presets
+from torch import distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from pml_proxysynth.datasets.glyphs import Glyphs
 from pml_proxysynth.losses import ProxySynthesisLoss
@@ -91,6 +96,9 @@ PROXY_LOSSES = {
 # Sharing Matters baseline. Proxy Synthesis does not apply to them.
 TUPLE_LOSSES = ("margin",)
 TRUNKS = ("resnet50", "resnet18", "small_conv")
+# Proxy Synthesis's mu for Proxy-Anchor: the least harmful value of the sweep
+# (benchmarks/results/glyphs-proxy-anchor-sweep.md); the paper's 1.0 for the others.
+PROXY_ANCHOR_PS_MU = 0.25
 # Options that fix the shapes of saved models: --resume refuses to change them.
 STRUCTURAL_OPTIONS = (
     "dataset",
@@ -104,6 +112,7 @@ STRUCTURAL_OPTIONS = (
     "decorrelation_rho",
     "max_train_images",
     "glyphs_option",
+    "world_size",  # a torchrun run's loss checkpoint is DistributedLossWrapper's
 )
 
 
@@ -251,17 +260,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the baseline: the proxy loss without Proxy Synthesis")
     g.add_argument("--ps-alpha", type=pos_float, default=0.4,
                    help="Proxy Synthesis: lambda ~ Beta(alpha, alpha)")
-    g.add_argument("--ps-mu", type=nonneg_float, default=1.0,
-                   help="Proxy Synthesis: synthetic classes per real sample")
+    g.add_argument("--ps-mu", type=nonneg_float, default=None,
+                   help="Proxy Synthesis: synthetic classes per real sample (default: "
+                        f"{PROXY_ANCHOR_PS_MU} for proxy_anchor, where the paper's 1.0 "
+                        "hurt most in our sweep, see README; 1.0 for the others)")
     g.add_argument("--ps-pairing", choices=("random", "roll"), default="random",
                    help="Proxy Synthesis: pair rows of different classes at random, or "
                         "row i with row i-1 (official; adjacent labels must differ)")
     g.add_argument("--ps-lam-per", choices=("batch", "pair"), default="batch",
                    help="Proxy Synthesis: one lambda per batch (paper) or per pair")
-    g.add_argument("--ps-positive-divisor", choices=("all", "real"), default=None,
-                   help="Proxy Synthesis over proxy_anchor: divide the positive term by "
-                        "all proxies with a positive (official) or by the real ones only "
-                        "(default: real for proxy_anchor)")
+    g.add_argument("--ps-positive-divisor", choices=("all", "real"), default="all",
+                   help="Proxy Synthesis over proxy_anchor: divide the real proxies' "
+                        "positive term by all proxies with a positive (official) or by "
+                        "the real ones only")
     g.add_argument("--shared-head", action="store_true",
                    help="add the Sharing Matters shared head, trained by a margin loss on "
                         "inter-class triplets (PML's CascadedEmbeddings trainer)")
@@ -359,6 +370,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         if isinstance(value, PerDataset):
             setattr(args, name, value.values[args.dataset])
     args.glyphs_option = dict(args.glyphs_option)
+    if args.ps_mu is None:
+        args.ps_mu = PROXY_ANCHOR_PS_MU if args.loss == "proxy_anchor" else 1.0
+    args.world_size = world_size_from_env()
     args.recall_ks = sorted(set(args.recall_ks))
 
     known_glyphs_options = set(inspect.signature(Glyphs).parameters) - {
@@ -387,10 +401,14 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         (args.decorrelation_rho > 0 and not args.shared_head,
          "--decorrelation-rho needs --shared-head"),
         (args.ps and args.ps_mu == 0, "--ps-mu 0 turns Proxy Synthesis off: use --no-ps"),
+        (args.ps_positive_divisor != "all" and args.loss != "proxy_anchor",
+         "--ps-positive-divisor needs --loss proxy_anchor"),
         (args.ps and args.loss in TUPLE_LOSSES,
          f"--loss {args.loss} is not a proxy loss: Proxy Synthesis needs --no-ps"),
-        (args.ps_positive_divisor is not None and args.loss != "proxy_anchor",
-         "--ps-positive-divisor needs --loss proxy_anchor"),
+        (world_size_from_env() > 1 and (args.shared_head or args.loss in TUPLE_LOSSES
+                                        or args.sampler != "random"),
+         "under torchrun (WORLD_SIZE > 1) only proxy losses with --sampler random are "
+         "supported so far (no --shared-head, --loss margin or --sampler m_per_class)"),
         (recall_k.isdigit() and int(recall_k) not in args.recall_ks,
          f"--primary-metric {args.primary_metric} needs its K in --recall-ks"),
     ]
@@ -398,8 +416,6 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     for failed, message in checks:
         if failed:
             parser.error(message)
-    if args.ps_positive_divisor is None:
-        args.ps_positive_divisor = "real" if args.loss == "proxy_anchor" else "all"
     try:
         args.device = str(torch.device(args.device))
     except RuntimeError as e:
@@ -595,9 +611,14 @@ def count_classes(dataset) -> int:
 def build_sampler(
     args: argparse.Namespace, labels
 ) -> Optional[torch.utils.data.Sampler]:
-    """PML's MPerClassSampler for ``--sampler m_per_class``, else None (shuffling)."""
+    """PML's MPerClassSampler for ``--sampler m_per_class``; else None (shuffling), or
+    under torchrun a DistributedSampler (each rank its share; ``set_epoch`` reshuffles)."""
     if args.sampler != "m_per_class":
-        return None
+        if args.world_size == 1:
+            return None
+        return torch.utils.data.DistributedSampler(
+            range(len(labels)), shuffle=True, seed=args.seed, drop_last=True
+        )
     return samplers.MPerClassSampler(
         np.asarray(labels),
         m=args.m_per_class,
@@ -759,6 +780,8 @@ def build_loss(args: argparse.Namespace, num_classes: int) -> LossSetup:
         else None
     )
     if not args.shared_head:
+        if args.world_size > 1:  # every rank computes the loss on the gathered batch
+            class_loss = pml_distributed.DistributedLossWrapper(class_loss)
         mining = {"tuple_miner": class_miner} if class_miner else {}
         return LossSetup({"metric_loss": class_loss}, mining, {"metric_loss": 1.0})
     loss_funcs = {
@@ -783,10 +806,14 @@ def build_loss(args: argparse.Namespace, num_classes: int) -> LossSetup:
 
 
 def synthesis_loss(loss_funcs: Dict[str, nn.Module]) -> Optional[ProxySynthesisLoss]:
-    """The ProxySynthesisLoss among ``loss_funcs``, if any."""
+    """The ProxySynthesisLoss among ``loss_funcs`` (also inside PML's
+    DistributedLossWrapper), if any."""
     for key in ("metric_loss", "metric_loss_0"):
-        if isinstance(loss_funcs.get(key), ProxySynthesisLoss):
-            return loss_funcs[key]
+        loss = loss_funcs.get(key)
+        if isinstance(loss, pml_distributed.DistributedLossWrapper):
+            loss = loss.loss
+        if isinstance(loss, ProxySynthesisLoss):
+            return loss
     return None
 
 
@@ -1044,6 +1071,55 @@ def make_figures(args, hooks, tester, trainer, loss_setup, train_dataset, test_d
     logger.info("figures written to %s", out)
 
 
+# --------------------------------------------------------------------- distributed
+
+
+def world_size_from_env() -> int:
+    """The number of processes torchrun started (1 without torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def init_distributed(args: argparse.Namespace) -> int:
+    """Under torchrun, joins the process group (gloo on CPU, nccl on CUDA, one GPU per
+    process) and returns this process's rank; else returns 0."""
+    if args.world_size == 1:
+        return 0
+    if torch.device(args.device).type == "cuda":
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local_rank)
+        args.device = f"cuda:{local_rank}"
+    dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
+    return dist.get_rank()
+
+
+def on_rank_zero_first(args: argparse.Namespace, rank: int, fn, everywhere=True):
+    """Runs ``fn`` on rank 0, then (``everywhere``) on the other ranks; a SetupError on
+    rank 0 stops every rank with its message."""
+    if args.world_size == 1:
+        return fn()
+    result, message = None, None
+    if rank == 0:
+        try:
+            result = fn()
+        except SetupError as e:
+            message = str(e)
+    box = [message]
+    dist.broadcast_object_list(box, src=0)
+    if box[0] is not None:
+        raise SetupError(box[0])
+    if rank != 0 and everywhere:
+        result = fn()
+    return result
+
+
+def unwrapped(models: Dict[str, nn.Module]) -> Dict[str, nn.Module]:
+    """The models without their DistributedDataParallel wrappers."""
+    return {
+        k: m.module if isinstance(m, DistributedDataParallel) else m
+        for k, m in models.items()
+    }
+
+
 # ----------------------------------------------------------------------------- run
 
 
@@ -1146,14 +1222,28 @@ def _best_and_last(history: Dict[str, list], primary: str) -> Tuple[Dict, Dict]:
 
 
 def run(args: argparse.Namespace) -> Dict[str, Any]:
-    """Trains and evaluates as ``args`` say; returns the results written to results.json."""
+    """Trains and evaluates as ``args`` say; returns the results written to results.json
+    (under torchrun: rank 0 evaluates and writes; the other ranks return {})."""
+    rank = init_distributed(args)
+    try:
+        return _run(args, rank)
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _run(args: argparse.Namespace, rank: int) -> Dict[str, Any]:
     start_time = time.perf_counter()
     seed_everything(args.seed)
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
-    model_folder = prepare_output_dir(args)
+    model_folder = os.path.join(args.output_dir, "models")
+    on_rank_zero_first(args, rank, lambda: prepare_output_dir(args), everywhere=False)
 
-    train_dataset, test_dataset = build_datasets(args)
+    # rank 0 renders the glyphs cache (or downloads CUB) before the others read it
+    train_dataset, test_dataset = on_rank_zero_first(
+        args, rank, lambda: build_datasets(args)
+    )
     num_classes = count_classes(train_dataset)
     logger.info(
         "%s: %d training images of %d classes, %d test images of %d classes",
@@ -1164,34 +1254,62 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         len(np.unique(np.asarray(test_dataset.labels))),
     )
     models = build_model(args)
+    if args.world_size > 1:
+        # Before the trainer freezes anything, so that DDP tracks every parameter.
+        # No buffer broadcast: rank 0 evaluates alone, and a broadcast in its forward
+        # would wait for the other ranks; each rank keeps its own BatchNorm statistics
+        # (rank 0's are evaluated and saved).
+        with warnings.catch_warnings():  # newer torch renames broadcast_buffers
+            warnings.simplefilter("ignore", FutureWarning)
+            models = {
+                k: DistributedDataParallel(
+                    m,
+                    broadcast_buffers=False,
+                    find_unused_parameters=args.warmup_epochs > 0,
+                )
+                for k, m in models.items()
+            }
     loss_setup = build_loss(args, num_classes)
     optimizers, schedulers = build_optimizers(args, models, loss_setup.loss_funcs)
 
-    hooks, keeping = build_hooks(
-        args.output_dir,
-        primary_metric=args.primary_metric,
-        validation_split_name=TEST_SPLIT,
-        log_freq=args.log_freq,
-    )
-    tester = build_tester(args, end_of_testing_hook=hooks.end_of_testing_hook)
-    evaluate_and_save = hooks.end_of_epoch_hook(
-        tester,
-        {TEST_SPLIT: test_dataset},
-        model_folder,
-        test_interval=args.test_interval,
-        patience=args.patience,
-    )
+    if rank == 0:
+        hooks, keeping = build_hooks(
+            args.output_dir,
+            primary_metric=args.primary_metric,
+            validation_split_name=TEST_SPLIT,
+            log_freq=args.log_freq,
+        )
+        tester = build_tester(args, end_of_testing_hook=hooks.end_of_testing_hook)
+        evaluate_and_save = hooks.end_of_epoch_hook(
+            tester,
+            {TEST_SPLIT: test_dataset},
+            model_folder,
+            test_interval=args.test_interval,
+            patience=args.patience,
+        )
+    else:  # only rank 0 records, evaluates and saves
+        hooks = logging_presets.HookContainer(None)
 
     def end_of_epoch(trainer) -> bool:
         if trainer.epoch == args.warmup_epochs:
             end_warmup(trainer)
             logger.info("warm-up over: the trunk trains from now on")
-        continue_training = evaluate_and_save(trainer)
-        if trainer.epoch % args.test_interval == 0:
-            metrics = _strip_levels(tester.all_accuracies[TEST_SPLIT])
-            logger.info(
-                "epoch %d/%d: %s", trainer.epoch, args.epochs, format_metrics(metrics)
-            )
+        continue_training = True
+        if rank == 0:
+            continue_training = evaluate_and_save(trainer)
+            if trainer.epoch % args.test_interval == 0:
+                metrics = _strip_levels(tester.all_accuracies[TEST_SPLIT])
+                logger.info(
+                    "epoch %d/%d: %s",
+                    trainer.epoch,
+                    args.epochs,
+                    format_metrics(metrics),
+                )
+        if args.world_size > 1:  # rank 0's early stop stops every rank
+            box = [continue_training]
+            dist.broadcast_object_list(box, src=0)
+            continue_training = box[0]
+            trainer.sampler.set_epoch(trainer.epoch)
         return continue_training
 
     trainer = build_trainer(
@@ -1201,14 +1319,17 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         loss_setup,
         train_dataset,
         lr_schedulers=schedulers,
-        end_of_iteration_hook=hooks.end_of_iteration_hook,
+        end_of_iteration_hook=hooks.end_of_iteration_hook if rank == 0 else None,
         end_of_epoch_hook=end_of_epoch,
     )
     start_epoch = 1
     if args.resume:
+        # PML saves a DDP model's module: load into the unwrapped models
+        saved_objects = copy.copy(trainer)
+        saved_objects.models = unwrapped(trainer.models)
         with _quiet_pml():
             start_epoch = hooks.load_latest_saved_models(
-                trainer, model_folder, args.device
+                saved_objects, model_folder, args.device
             )
         logger.info("resuming from epoch %d", start_epoch)
         if start_epoch > args.warmup_epochs:
@@ -1219,6 +1340,12 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     else:
         logger.info("nothing to train: the run already has %d epochs", start_epoch - 1)
         trainer.epoch = start_epoch - 1
+    if args.world_size > 1:  # training is over; what follows is rank 0's alone
+        dist.destroy_process_group()
+        trainer.models = unwrapped(trainer.models)
+    if rank != 0:
+        return {}
+    if start_epoch > args.epochs:
         # The tester names its record tables after the splits of its last test.
         tester.reference_split_names.setdefault(TEST_SPLIT, [TEST_SPLIT])
 
@@ -1266,6 +1393,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; continue with --resume", file=sys.stderr)
         return 130
+    if not results:  # a torchrun rank other than 0
+        return 0
     best = results["best"]
     logger.info(
         "done in %.0f s. best epoch %s: %s. Results, records, checkpoints and figures in %s",

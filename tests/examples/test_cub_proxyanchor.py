@@ -4,6 +4,7 @@ import copy
 import importlib.util
 import json
 import os
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -200,6 +201,38 @@ def test_resume_after_interruption_restores_proxies_and_optimizer(
     assert param_state["step"] > 0
 
 
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_torchrun_two_cpu_processes_rank_zero_writes(tmp_path):
+    """torchrun --nproc_per_node=2 on CPU (gloo): trains, only rank 0 evaluates and
+    writes, and --resume continues on both ranks."""
+    out = tmp_path / "run"
+    flags = glyphs_args(tmp_path / "glyphs", out, "--no-plots")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for extra in ([], ["--resume", "--epochs", "2"]):
+        port = f"--master_port={free_port()}"
+        proc = subprocess.run(
+            [*torchrun, port, str(EXAMPLE), *flags, *extra],
+            capture_output=True, text=True, env=env, timeout=300,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        if not extra:
+            # one record writer, one evaluation per epoch, one set of checkpoints
+            assert len(os.listdir(out / "tensorboard")) == 1
+            assert accuracy_epochs(out) == [1]
+            assert (
+                proc.stdout.count("epoch 1/1:") + proc.stderr.count("epoch 1/1:") == 1
+            )
+    assert accuracy_epochs(out) == [1, 2]
+    assert "trunk_2.pth" in os.listdir(out / "models")
+    assert json.loads((out / "config.json").read_text())["world_size"] == 2
+
+
 def test_glyphs_shared_head_end_to_end(ex, tmp_path):
     out = tmp_path / "run"
     flags = glyphs_args(
@@ -284,6 +317,9 @@ def test_dataset_dependent_defaults_resolved(ex):
         False,
     )
     assert cub.ps and cub.loss == "proxy_anchor" and cub.ps_alpha == 0.4
+    assert cub.ps_mu == 0.25 and cub.ps_positive_divisor == "all"
+    assert ex.parse_args(["--device", "cpu", "--loss", "arcface"]).ps_mu == 1.0
+    assert ex.parse_args(["--device", "cpu", "--ps-mu", "2"]).ps_mu == 2.0
 
 
 # ---------------------------------------------------------------------- bad input
@@ -416,3 +452,12 @@ def test_bad_loss_kwargs_is_a_clear_error(ex, cub_root, tmp_path, capsys):
     )
     assert ex.main(flags + ["--loss-kwargs", '{"no_such_option": 1}']) == 1
     assert "no_such_option" in capsys.readouterr().err
+
+
+def test_torchrun_refuses_what_it_does_not_support(ex, capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for argv in (["--shared-head"], ["--loss", "margin", "--no-ps"], ["--sampler", "m_per_class"]):  # fmt: skip
+        with pytest.raises(SystemExit) as exit_info:
+            ex.parse_args(["--device", "cpu", *argv])
+        assert exit_info.value.code == 2
+        assert "under torchrun" in capsys.readouterr().err
