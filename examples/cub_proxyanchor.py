@@ -199,9 +199,12 @@ def build_parser() -> argparse.ArgumentParser:
     flag = argparse.BooleanOptionalAction
     # fmt: off
     g = p.add_argument_group("data")
-    g.add_argument("--dataset", choices=("cub", "glyphs"), default="cub",
-                   help="cub: CUB-200-2011 (classes 1-100 train, 101-200 test); "
-                        "glyphs: characters rendered from matplotlib's fonts (offline)")
+    g.add_argument("--dataset", choices=("cub", "cars196", "sop", "glyphs"), default="cub",
+                   help="cub: CUB-200-2011 (classes 1-100 train, 101-200 test); cars196 "
+                        "(1-98 / 99-196) and sop (Stanford Online Products, its own "
+                        "split), PML's dataset classes, found under --data-root; glyphs: "
+                        "characters rendered from matplotlib's fonts (offline). Defaults "
+                        "marked (cub) apply to cars196 and sop too")
     g.add_argument("--data-root", default="data",
                    help="folder that holds CUB_200_2011/ (downloaded there when the "
                         "folder is missing or empty), or the glyphs cache")
@@ -334,9 +337,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Ks of Recall@K")
     g.add_argument("--eval-batch-size", type=pos_int, default=256,
                    help="batch size when computing test embeddings")
-    g.add_argument("--output-dir", default=PerDataset(cub="runs/cub", glyphs="runs/glyphs"),
+    g.add_argument("--output-dir",
                    help="everything a run writes: models/, records/, tensorboard/, "
-                        "config.json, results.json, *.png")
+                        "config.json, results.json, *.png (default: runs/<dataset>)")
     g.add_argument("--resume", action="store_true",
                    help="continue the run in --output-dir from its latest checkpoint")
     g.add_argument("--overwrite", action="store_true",
@@ -368,8 +371,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     for name, value in vars(args).items():
         if isinstance(value, PerDataset):
-            setattr(args, name, value.values[args.dataset])
+            setattr(args, name, value.values.get(args.dataset, value.values["cub"]))
     args.glyphs_option = dict(args.glyphs_option)
+    args.output_dir = args.output_dir or os.path.join("runs", args.dataset)
     if args.ps_mu is None:
         args.ps_mu = PROXY_ANCHOR_PS_MU if args.loss == "proxy_anchor" else 1.0
     args.world_size = world_size_from_env()
@@ -467,25 +471,26 @@ def build_transforms(args: argparse.Namespace) -> Tuple[Any, Any]:
     return T.Compose(train), T.Compose(test)
 
 
-class CUB(datasets.CUB):
-    """PML's CUB with labels 0..K-1 per split and errors that name the image file."""
+class CheckedImagesMixin:
+    """For PML's image datasets: labels 0..K-1 per split, and errors that name the
+    image file (a missing split, missing files, an unreadable image)."""
 
     def generate_split(self):
         super().generate_split()
+        name = type(self).__name__
         if not self.labels:
             raise SetupError(
-                f"{os.path.join(self.root, CUB_DIR)} lists no images of the {self.split} "
-                "classes (images.txt / image_class_labels.txt)"
+                f"{name} in {self.root} lists no images of the {self.split} classes"
             )
         classes = sorted(set(self.labels))
         index = {c: i for i, c in enumerate(classes)}
-        self.class_ids = classes  # the original CUB class ids, e.g. 101..200
+        self.class_ids = classes  # the original class ids, e.g. 101..200 for CUB
         self.labels = [index[c] for c in self.labels]
         missing = [p for p in self.paths if not os.path.isfile(p)]
         if missing:
             raise ImageLoadError(
-                f"{len(missing)} image file(s) of the CUB {self.split} split are missing, "
-                f"e.g. {missing[0]} (re-extract CUB_200_2011.tgz into {self.root})"
+                f"{len(missing)} image file(s) of the {name} {self.split} split are "
+                f"missing, e.g. {missing[0]} (re-extract the archive into {self.root})"
             )
 
     def __getitem__(self, idx):
@@ -499,6 +504,25 @@ class CUB(datasets.CUB):
         if self.transform is not None:
             img = self.transform(img)
         return img, self.labels[idx]
+
+
+class CUB(CheckedImagesMixin, datasets.CUB):
+    """PML's CUB-200-2011 (classes 1-100 train, 101-200 test), checked."""
+
+
+class Cars196(CheckedImagesMixin, datasets.Cars196):
+    """PML's Cars196 (classes 1-98 train, 99-196 test), checked."""
+
+
+class StanfordOnlineProducts(CheckedImagesMixin, datasets.StanfordOnlineProducts):
+    """PML's Stanford Online Products (Ebay_train.txt / Ebay_test.txt), checked."""
+
+
+# --dataset -> (class, its root under --data-root, a file the class reads there)
+PHOTO_DATASETS = {
+    "cars196": (Cars196, "Cars196", "names.csv"),
+    "sop": (StanfordOnlineProducts, "", "Stanford_Online_Products/Ebay_train.txt"),
+}
 
 
 def _cub_missing_message(root: str, reason: str = "") -> str:
@@ -564,6 +588,17 @@ def build_dataset(args: argparse.Namespace, split: str, transform=None):
     if args.dataset == "cub":
         ensure_cub(args.data_root, download=not args.no_download)
         return CUB(args.data_root, split=split, transform=transform, download=False)
+    if args.dataset in PHOTO_DATASETS:
+        dataset_class, folder, marker = PHOTO_DATASETS[args.dataset]
+        root = os.path.join(args.data_root, folder)
+        if not os.path.isfile(os.path.join(root, marker)):
+            raise SetupError(
+                f"{dataset_class.__name__} not found: {os.path.join(root, marker)} does "
+                f"not exist. Download it ({dataset_class.DOWNLOAD_URL}) and unpack it "
+                f"so that this file exists, or point --data-root at the folder that "
+                f"holds {os.path.join(folder, marker)}."
+            )
+        return dataset_class(root, split=split, transform=transform, download=False)
     try:
         return Glyphs(
             args.data_root,

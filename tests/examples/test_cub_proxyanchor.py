@@ -79,6 +79,54 @@ def make_cub(root: Path, per_class: int = 6, size: int = 40) -> Path:
     return root
 
 
+def random_image(rng, colour, path: Path, size: int = 40) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = np.clip(colour + rng.normal(0, 40, (size, size, 3)), 0, 255)
+    Image.fromarray(pixels.astype(np.uint8)).save(path)
+
+
+def make_cars196(root: Path, per_class: int = 6) -> Path:
+    """A tiny Cars196 in the layout PML's datasets.Cars196 reads: names.csv,
+    anno_{train,test}.csv and car_data/car_data/<split>/<name>/<file>."""
+    base = root / "Cars196"
+    rng = np.random.default_rng(0)
+    classes = (1, 2, 3, 4, 99, 100, 101, 102)
+    names = [f"Car {i}" for i in range(1, 197)]
+    annos = {"train": [], "test": []}
+    for class_id in classes:
+        colour = rng.integers(0, 256, size=3)
+        for k in range(per_class):
+            split = ("train", "test")[k % 2]
+            name = f"{class_id:03d}{k:02d}.jpg"
+            folder = base / "car_data" / "car_data" / split / names[class_id - 1]
+            random_image(rng, colour, folder / name)
+            annos[split].append(f"{name},1,1,30,30,{class_id}")
+    base.mkdir(parents=True, exist_ok=True)
+    (base / "names.csv").write_text("\n".join(names) + "\n")
+    for split, lines in annos.items():
+        (base / f"anno_{split}.csv").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def make_sop(root: Path, per_class: int = 6) -> Path:
+    """A tiny Stanford_Online_Products in the layout PML's dataset reads:
+    Ebay_{train,test}.txt (image_id class_id super_class_id path) and the images."""
+    base = root / "Stanford_Online_Products"
+    rng = np.random.default_rng(0)
+    image_id = 0
+    for split, classes in (("train", (1, 2, 3, 4)), ("test", (5, 6, 7, 8))):
+        lines = ["image_id class_id super_class_id path"]
+        for class_id in classes:
+            colour = rng.integers(0, 256, size=3)
+            for k in range(per_class):
+                image_id += 1
+                path = f"bicycle_final/{class_id}_{k}.JPG"
+                random_image(rng, colour, base / path)
+                lines.append(f"{image_id} {class_id} 1 {path}")
+        (base / f"Ebay_{split}.txt").write_text("\n".join(lines) + "\n")
+    return root
+
+
 @pytest.fixture
 def cub_root(tmp_path):
     return make_cub(tmp_path / "data")
@@ -231,6 +279,29 @@ def test_torchrun_two_cpu_processes_rank_zero_writes(tmp_path):
     assert accuracy_epochs(out) == [1, 2]
     assert "trunk_2.pth" in os.listdir(out / "models")
     assert json.loads((out / "config.json").read_text())["world_size"] == 2
+
+
+@pytest.mark.parametrize(
+    "dataset, make, train_ids, test_ids",
+    [("cars196", make_cars196, (1, 2, 3, 4), (99, 100, 101, 102)),
+     ("sop", make_sop, (1, 2, 3, 4), (5, 6, 7, 8))],
+)  # fmt: skip
+def test_cars196_and_sop_layouts_end_to_end(ex, tmp_path, dataset, make, train_ids, test_ids):  # fmt: skip
+    root = make(tmp_path / "data")
+    args = ex.parse_args(["--dataset", dataset, *cub_args(root, tmp_path / "run")])
+    train, test = ex.build_datasets(args)
+    assert (train.class_ids, test.class_ids) == (list(train_ids), list(test_ids))
+    assert sorted(set(train.labels)) == sorted(set(test.labels)) == [0, 1, 2, 3]
+    flags = ["--dataset", dataset, *cub_args(root, tmp_path / "run", "--trunk", "small_conv", "--no-pretrained", "--no-plots")]  # fmt: skip
+    assert ex.main(flags) == 0
+    assert accuracy_epochs(tmp_path / "run") == [1]
+
+
+def test_missing_cars196_is_one_message(ex, tmp_path, capsys):
+    flags = ["--dataset", "cars196", *cub_args(tmp_path, tmp_path / "run", "--trunk", "small_conv", "--no-pretrained")]  # fmt: skip
+    assert ex.main(flags) == 1
+    err = capsys.readouterr().err
+    assert str(tmp_path / "Cars196" / "names.csv") in err and "Download" in err
 
 
 def test_glyphs_shared_head_end_to_end(ex, tmp_path):
