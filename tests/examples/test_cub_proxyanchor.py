@@ -4,7 +4,6 @@ import copy
 import importlib.util
 import json
 import os
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -15,6 +14,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+
+from ..distributed_utils import free_port
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "cub_proxyanchor.py"
 TRAIN_CLASSES = (1, 2, 3, 4)
@@ -247,12 +248,6 @@ def test_resume_after_interruption_restores_proxies_and_optimizer(
     for key, value in param_state.items():
         assert torch.equal(torch.as_tensor(resumed_state[key]), torch.as_tensor(value))
     assert param_state["step"] > 0
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_torchrun_two_cpu_processes_rank_zero_writes(tmp_path):

@@ -15,15 +15,10 @@ gradient), and the proxy gradients are world_size times the single-process ones:
 proxies are no DDP parameters, every rank computes their full gradient itself.
 """
 
-import datetime
-import os
-import socket
-import tempfile
 import unittest
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from pytorch_metric_learning import losses
 from pytorch_metric_learning.utils.distributed import DistributedLossWrapper
@@ -32,8 +27,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from pml_proxysynth.losses import ProxySynthesisLoss
 
 from .. import TEST_DTYPES
+from ..distributed_utils import WORLD_SIZE, init_process_group, save_result, spawn
 
-WORLD_SIZE = 2
 NUM_CLASSES, EMBEDDING_SIZE, BATCH_SIZE = 5, 4, 6  # BATCH_SIZE rows per rank
 INPUT_SIZE, STEPS, LR = 6, 3, 0.1
 DTYPES = [dtype for dtype in TEST_DTYPES if dtype in (torch.float32, torch.float64)]
@@ -45,35 +40,6 @@ CASES = [
     ("NormalizedSoftmaxLoss", "random", "pair", 1.5, True),
     ("ProxyAnchorLoss", "roll", "pair", 1.0, False),
 ]
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def spawn(worker, *args):
-    """Runs worker(rank, port, out_dir, *args) on WORLD_SIZE ranks; returns what each
-    rank saved as out_dir/rank{r}.pt."""
-    with tempfile.TemporaryDirectory() as out_dir:
-        mp.spawn(
-            worker, args=(free_port(), out_dir, *args), nprocs=WORLD_SIZE, join=True
-        )
-        return [
-            torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(WORLD_SIZE)
-        ]
-
-
-def init_process_group(rank, port):
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=WORLD_SIZE,
-        timeout=datetime.timedelta(seconds=60),  # a rank that waits in vain fails
-    )
 
 
 def build_inner(name, proxies):
@@ -204,7 +170,7 @@ def gradients_worker(rank, port, out_dir, data_per_dtype):
                     "calls": len(seen),
                 }
             )
-    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    save_result(out_dir, rank, results)
     dist.destroy_process_group()
 
 
@@ -256,7 +222,7 @@ def training_worker(rank, port, out_dir, data_per_dtype):
                 "lam": lams,
             }
         )
-    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    save_result(out_dir, rank, results)
     dist.destroy_process_group()
 
 

@@ -11,15 +11,10 @@ seed torch's RNG differently; they need not agree on the triplets (each rank's l
 covers its own triplets, only its own rows carry gradients).
 """
 
-import datetime
-import os
-import socket
-import tempfile
 import unittest
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from pytorch_metric_learning.losses import TripletMarginLoss
 from pytorch_metric_learning.utils.distributed import (
@@ -30,17 +25,12 @@ from pytorch_metric_learning.utils.distributed import (
 from pml_proxysynth.miners import SharedCharacteristicsMiner
 
 from .. import TEST_DTYPES
+from ..distributed_utils import WORLD_SIZE, init_process_group, save_result, spawn
 
-WORLD_SIZE, BATCH_SIZE, DIM = 2, 8, 4  # BATCH_SIZE rows per rank
+BATCH_SIZE, DIM = 8, 4  # BATCH_SIZE rows per rank
 TRIPLETS_PER_ANCHOR, MARGIN = 3, 0.2
 STRATEGIES = ("standard", "full", "random")
 DTYPES = [dtype for dtype in TEST_DTYPES if dtype in (torch.float32, torch.float64)]
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def make_batches(dtype):
@@ -85,14 +75,7 @@ def record_mine_inputs(miner):
 
 
 def worker(rank, port, out_dir, batches_per_dtype):
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=WORLD_SIZE,
-        timeout=datetime.timedelta(seconds=60),
-    )
+    init_process_group(rank, port)
     torch.manual_seed(10 + rank)  # the ranks' RNGs differ
     results = []
     for emb, labels in batches_per_dtype:
@@ -119,7 +102,7 @@ def worker(rank, port, out_dir, batches_per_dtype):
                         "grad": local.grad,
                     }
                 )
-    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    save_result(out_dir, rank, results)
     dist.destroy_process_group()
 
 
@@ -140,17 +123,7 @@ def triplet_loss_by_hand(query, ref, a, p, n):
 class TestDistributedSharedCharacteristicsMiner(unittest.TestCase):
     def test_triplets_on_the_gathered_set(self):
         batches_per_dtype = [make_batches(dtype) for dtype in DTYPES]
-        with tempfile.TemporaryDirectory() as out_dir:
-            mp.spawn(
-                worker,
-                args=(free_port(), out_dir, batches_per_dtype),
-                nprocs=WORLD_SIZE,
-                join=True,
-            )
-            per_rank = [
-                torch.load(os.path.join(out_dir, f"rank{r}.pt"))
-                for r in range(WORLD_SIZE)
-            ]
+        per_rank = spawn(worker, batches_per_dtype)
         configs = [
             (dtype, strategy, efficient)
             for dtype in DTYPES
