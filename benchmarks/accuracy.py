@@ -69,6 +69,7 @@ ROWS: List[Row] = []
 for _loss in PROXY_LOSSES:
     ROWS.append(Row(_loss, _loss, False, False, ""))
     ROWS.append(Row(f"{_loss}+ps", _loss, True, False, _loss))
+NCA_SCALE_12 = ("--loss-kwargs", '{"softmax_scale": 12}')
 ROWS += [
     # the example's ProxyAnchor default is mu = 0.25 (see the sweep); the paper's mu = 1:
     Row(
@@ -78,14 +79,24 @@ ROWS += [
         False,
         "proxy_anchor",
         ("--ps-mu", "1"),
-    ),  # fmt: skip
+    ),
+    # PML's ProxyNCALoss has softmax_scale 1; the official PS code uses 10-12 (README: 12)
+    Row("proxy_nca scale=12", "proxy_nca", False, False, "", NCA_SCALE_12),
+    Row(
+        "proxy_nca+ps scale=12",
+        "proxy_nca",
+        True,
+        False,
+        "proxy_nca scale=12",
+        NCA_SCALE_12,
+    ),
     Row("margin", "margin", False, False, ""),
     Row("margin+shared", "margin", False, True, "margin"),
     Row("proxy_anchor+ps+shared", "proxy_anchor", True, True, "proxy_anchor"),
 ]
 
 # The ProxyAnchor sweep (--sweep): the paper's alpha/mu grid around its defaults, with the
-# official positive divisor ("all") and the undiluted one ("real", the example's default).
+# official positive divisor ("all") and the undiluted one ("real").
 SWEEP_ROWS: List[Row] = [Row("proxy_anchor", "proxy_anchor", False, False, "")]
 for _mu, _alpha, _divisor in itertools.product(
     ("0.25", "0.5", "1"), ("0.4", "1", "2"), ("all", "real")
