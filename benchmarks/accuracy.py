@@ -69,6 +69,7 @@ ROWS: List[Row] = []
 for _loss in PROXY_LOSSES:
     ROWS.append(Row(_loss, _loss, False, False, ""))
     ROWS.append(Row(f"{_loss}+ps", _loss, True, False, _loss))
+M_PER_CLASS_2 = ("--sampler", "m_per_class", "--m-per-class", "2")
 NCA_SCALE_12 = ("--loss-kwargs", '{"softmax_scale": 12}')
 ROWS += [
     # the example's ProxyAnchor default is mu = 0.25 (see the sweep); the paper's mu = 1:
@@ -92,6 +93,10 @@ ROWS += [
     ),
     Row("margin", "margin", False, False, ""),
     Row("margin+shared", "margin", False, True, "margin"),
+    # plain shuffling leaves most anchors of a 128-batch over 324 classes without a
+    # positive; tuple losses get class-balanced batches (2 per class) in these rows:
+    Row("margin m=2", "margin", False, False, "", M_PER_CLASS_2),
+    Row("margin+shared m=2", "margin", False, True, "margin m=2", M_PER_CLASS_2),
     Row("proxy_anchor+ps+shared", "proxy_anchor", True, True, "proxy_anchor"),
 ]
 
@@ -140,7 +145,7 @@ def row_argv(row: Row, dataset: str, seed: int, extra: Sequence[str]) -> List[st
     argv = ["--dataset", dataset, "--loss", row.loss, "--seed", str(seed)]
     argv += [] if row.ps else ["--no-ps"]
     argv += ["--shared-head"] if row.shared_head else []
-    return argv + list(row.flags) + list(extra)
+    return argv + list(extra) + list(row.flags)  # a row's own flags win
 
 
 def read_done(path: Path) -> Dict[tuple, dict]:
