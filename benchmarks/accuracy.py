@@ -117,12 +117,13 @@ for _mu, _alpha, _divisor in itertools.product(
         )
     )
 
-# The shared protocol (glyphs): what fits 16 rows x 3 seeds into 60 minutes on 2 CPU cores
+# The shared protocol (glyphs): sized for 16 rows x 3 seeds in 60 minutes on 2 CPU cores
 # (measured: about 12 s per epoch and 20 s of set-up and evaluation per run, with 2
-# single-thread jobs side by side).
+# single-thread jobs side by side); the 4 later rows (ProxyNCA scale 12, margin m=2) push
+# a full run past that.
 PROTOCOL = ["--epochs", "8", "--batch-size", "128", "--sampler", "random"]
 # The sweep ran first, with 6 epochs (19 + 9 runs on one seed).
-SWEEP_PROTOCOL = ["--epochs", "6", "--batch-size", "128", "--sampler", "random"]
+SWEEP_PROTOCOL = ["--epochs", "6"] + PROTOCOL[2:]
 QUICK = [
     "--epochs",
     "1",

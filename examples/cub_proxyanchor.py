@@ -409,7 +409,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
          "--ps-positive-divisor needs --loss proxy_anchor"),
         (args.ps and args.loss in TUPLE_LOSSES,
          f"--loss {args.loss} is not a proxy loss: Proxy Synthesis needs --no-ps"),
-        (world_size_from_env() > 1 and (args.shared_head or args.loss in TUPLE_LOSSES
+        (args.world_size > 1 and (args.shared_head or args.loss in TUPLE_LOSSES
                                         or args.sampler != "random"),
          "under torchrun (WORLD_SIZE > 1) only proxy losses with --sampler random are "
          "supported so far (no --shared-head, --loss margin or --sampler m_per_class)"),
