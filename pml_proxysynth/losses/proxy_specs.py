@@ -34,6 +34,9 @@ class ProxySpec:
         for C + M classes for the duration of one call.
     positive_term: key of the loss-dict term that is averaged over the proxies with a
         positive in the batch (its ``divisor``), for ``positive_divisor="real"``.
+    uses_proxy_norms: True if the loss uses the proxies' norms, not only their
+        directions through a normalising distance; the wrapper then passes normalised
+        real proxies (otherwise it leaves their normalisation to the loss).
     """
 
     param: str
@@ -41,6 +44,7 @@ class ProxySpec:
     centers_attr: Optional[str] = None
     class_count_attrs: Dict[str, ClassCountPatch] = field(default_factory=dict)
     positive_term: Optional[str] = None
+    uses_proxy_norms: bool = False
 
 
 _NUM_CLASSES = {"num_classes": _count}
@@ -63,7 +67,13 @@ PROXY_SPECS: Dict[Type[torch.nn.Module], ProxySpec] = {
         centers_attr="centers_per_class",
         class_count_attrs=_NUM_CLASSES,
     ),
-    losses.LargeMarginSoftmaxLoss: _LARGE_MARGIN,
+    # scale_logits multiplies by the norms of W (its subclasses below override that)
+    losses.LargeMarginSoftmaxLoss: ProxySpec(
+        "W",
+        classes_on_rows=False,
+        class_count_attrs=_NUM_CLASSES,
+        uses_proxy_norms=True,
+    ),
     losses.ArcFaceLoss: _LARGE_MARGIN,
     losses.CosFaceLoss: _LARGE_MARGIN,
     losses.SphereFaceLoss: _LARGE_MARGIN,

@@ -185,7 +185,12 @@ class ProxySynthesisLoss(BaseMetricLossFunction):
             self._record(None)
             loss = self.loss(embeddings, labels)
         else:
-            synthesis = self._synthesize(embeddings, labels, shared)
+            synthesis = self._synthesize(
+                embeddings,
+                labels,
+                shared,
+                normalize_proxies=not self._inner_normalizes(),
+            )
             self._record(synthesis)
             loss = self.loss_on(synthesis)
         return {
@@ -202,16 +207,24 @@ class ProxySynthesisLoss(BaseMetricLossFunction):
         embeddings: torch.Tensor,
         labels: torch.Tensor,
         shared: Optional[torch.Generator] = None,
+        normalize_proxies: bool = True,
     ) -> Synthesis:
-        # Real rows are normalised once and not again after the concatenation: the result
-        # equals the official re-normalisation of the whole set, at O(M) instead of O(C).
-        proxies = F.normalize(self._class_proxies(embeddings), dim=-1)
-        num_classes = proxies.shape[0]
+        """The enlarged set. Real rows are normalised once and not again after the
+        concatenation: the result equals the official re-normalisation of the whole
+        set, at O(M) instead of O(C). With ``normalize_proxies=False`` the real proxies
+        are passed as they are (only the mixed parents are normalised), for an inner
+        loss whose distance normalises them itself: this saves a normalisation of all C
+        proxies, forward and backward, the largest overhead at large C. (Embeddings are
+        always normalised: LargeMargin and SphereFace scale logits by their norms.)"""
+        raw_proxies = self._class_proxies(embeddings)
+        num_classes = raw_proxies.shape[0]
         x = F.normalize(embeddings, dim=1)
         pairs, lam = self._draw_pairs_and_lam(labels, embeddings, shared)
         parents = labels[pairs]
+        p_pairs = F.normalize(raw_proxies[parents], dim=-1)
         x_syn = _normalized_mix(x[pairs[:, 0]], x[pairs[:, 1]], lam)
-        p_syn = _normalized_mix(proxies[parents[:, 0]], proxies[parents[:, 1]], lam)
+        p_syn = _normalized_mix(p_pairs[:, 0], p_pairs[:, 1], lam)
+        proxies = F.normalize(raw_proxies, dim=-1) if normalize_proxies else raw_proxies
         syn_labels = torch.arange(num_classes, num_classes + len(pairs))
         all_proxies = torch.cat([proxies, p_syn])
         if self._centers_per_class() == 1:
@@ -222,6 +235,14 @@ class ProxySynthesisLoss(BaseMetricLossFunction):
             proxies=all_proxies,
             lam=lam,
             pairs=pairs,
+        )
+
+    def _inner_normalizes(self) -> bool:
+        """Whether the inner loss sees its proxies only through a distance that
+        L2-normalises them (every supported loss by default, except LargeMargin)."""
+        distance = getattr(self.loss, "distance", None)
+        return not self.spec.uses_proxy_norms and bool(
+            getattr(distance, "normalize_embeddings", False)
         )
 
     def _centers_per_class(self) -> int:

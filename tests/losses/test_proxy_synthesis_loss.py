@@ -6,6 +6,7 @@ import scipy.stats
 import torch
 import torch.nn.functional as F
 from pytorch_metric_learning import losses, reducers, samplers, trainers
+from pytorch_metric_learning.distances import LpDistance
 from pytorch_metric_learning.utils import distributed
 
 from pml_proxysynth.losses import ProxySynthesisLoss
@@ -21,6 +22,10 @@ def build_losses(num_classes, embedding_size=EMBEDDING_SIZE):
     return {
         "ProxyAnchorLoss": losses.ProxyAnchorLoss(c, d),
         "ProxyNCALoss": losses.ProxyNCALoss(c, d, softmax_scale=3),
+        # a distance that does not normalise: the wrapper must normalise the proxies
+        "ProxyNCALoss unnormalised": losses.ProxyNCALoss(
+            c, d, distance=LpDistance(normalize_embeddings=False)
+        ),
         "NormalizedSoftmaxLoss": losses.NormalizedSoftmaxLoss(c, d),
         "SoftTripleLoss": losses.SoftTripleLoss(c, d, centers_per_class=3),
         "LargeMarginSoftmaxLoss": losses.LargeMarginSoftmaxLoss(c, d),
