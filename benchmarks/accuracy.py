@@ -76,6 +76,16 @@ ROWS += [
     Row("proxy_anchor+ps+shared", "proxy_anchor", True, True, "proxy_anchor"),
 ]
 
+
+def _with_and_without_ps(loss: str, tag: str, flags: tuple) -> List[Row]:
+    """A baseline row and its PS counterpart, both with ``flags``."""
+    base = f"{loss} {tag}"
+    return [
+        Row(base, loss, False, False, "", flags),
+        Row(f"{loss}+ps {tag}", loss, True, False, base, flags),
+    ]
+
+
 # Rows beyond the issue's list, run only with --supplementary (or by name in --methods);
 # each changes one flag of the protocol, named in its method.
 M_PER_CLASS_2 = ("--sampler", "m_per_class", "--m-per-class", "2")
@@ -100,6 +110,12 @@ SUPPLEMENTARY_ROWS: List[Row] = [
         "proxy_nca scale=12",
         NCA_SCALE_12,
     ),
+    # PS over ProxyAnchor with a 10x lower proxy learning rate (default mult 100), or ProxyAnchor's scale
+    # alpha halved, each against its own baseline (sweep notes: "not tried")
+    *_with_and_without_ps(
+        "proxy_anchor", "proxy-lr-mult=10", ("--proxy-lr-mult", "10")
+    ),
+    *_with_and_without_ps("proxy_anchor", "alpha=16", ("--proxy-anchor-alpha", "16")),
     # plain shuffling leaves most anchors of a 128-batch over 324 classes without a
     # positive; these margin rows get class-balanced batches (2 per class) instead:
     Row("margin m=2", "margin", False, False, "", M_PER_CLASS_2),
