@@ -60,6 +60,7 @@ from pml_proxysynth.utils import (
     DecorrelatedCascadedEmbeddings,
     HeadDecorrelationLoss,
     TwoHeadEmbedder,
+    evaluate_heads,
     with_autocast,
 )
 from pml_proxysynth.utils.accuracy_calculator import (
@@ -1395,6 +1396,22 @@ def _run(args: argparse.Namespace, rank: int) -> Dict[str, Any]:
         "best": best,
         "last": last,
     }
+    if args.shared_head:
+        # the tester scores the concatenation; report the class head alone beside it
+        with _quiet_pml():
+            heads = evaluate_heads(
+                tester,
+                {TEST_SPLIT: test_dataset},
+                trainer.epoch,
+                trainer.models["trunk"],
+                trainer.models["embedder"],
+            )
+        results["heads"] = {
+            name: _strip_levels(split_accuracies[TEST_SPLIT])
+            for name, split_accuracies in heads.items()
+        }
+        for name, metrics in results["heads"].items():
+            logger.info("%s head(s), last epoch: %s", name, format_metrics(metrics))
     if args.plots:
         make_figures(
             args, hooks, tester, trainer, loss_setup, train_dataset, test_dataset
