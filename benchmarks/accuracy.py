@@ -110,12 +110,14 @@ SUPPLEMENTARY_ROWS: List[Row] = [
         "proxy_nca scale=12",
         NCA_SCALE_12,
     ),
-    # PS over ProxyAnchor with a 10x lower proxy learning rate (default mult 100), or ProxyAnchor's scale
-    # alpha halved, each against its own baseline (sweep notes: "not tried")
+    # PS over ProxyAnchor with a 10x lower proxy learning rate (default mult 100), or
+    # ProxyAnchor's scale alpha lowered, each against its own baseline (sweep notes:
+    # "not tried")
     *_with_and_without_ps(
         "proxy_anchor", "proxy-lr-mult=10", ("--proxy-lr-mult", "10")
     ),
     *_with_and_without_ps("proxy_anchor", "alpha=16", ("--proxy-anchor-alpha", "16")),
+    *_with_and_without_ps("proxy_anchor", "alpha=8", ("--proxy-anchor-alpha", "8")),
     # plain shuffling leaves most anchors of a 128-batch over 324 classes without a
     # positive; these margin rows get class-balanced batches (2 per class) instead:
     Row("margin m=2", "margin", False, False, "", M_PER_CLASS_2),
@@ -235,7 +237,9 @@ def summarise(records: Dict[tuple, dict], rows: List[Row], title: str) -> str:
         f"# {title}",
         "",
         "Mean ± std over seeds (metrics in %). Δ MAP@R is the paired difference to the "
-        "row's baseline (same seed), mean ± std over seeds.",
+        "row's baseline (same seed), mean ± std over seeds. train_seconds is each run's "
+        "wall time on the machine that ran it (two jobs side by side): rows run in "
+        "different sessions may come from machines of different speed.",
         "",
         "| method | seeds | " + " | ".join(columns) + " | Δ MAP@R vs baseline |",
         "|" + "---|" * (len(columns) + 3),
