@@ -142,8 +142,10 @@ for _mu, _alpha, _divisor in itertools.product(
     )
 
 # The shared protocol (glyphs): sized for the 15 rows x 3 seeds of a full run in 60
-# minutes on 2 CPU cores (about 12 s per epoch and 20 s of set-up and evaluation per run,
-# with 2 single-thread jobs side by side); the supplementary rows come on top.
+# minutes on 2 CPU cores, as measured on one session's machine (about 12 s per epoch and
+# 20 s of set-up and evaluation per run, with 2 single-thread jobs side by side); another
+# machine of the same kind was 2.5x slower (results/glyphs-rerun.md). The supplementary
+# rows come on top.
 PROTOCOL = ["--epochs", "8", "--batch-size", "128", "--sampler", "random"]
 # The sweep ran first, with 6 epochs (19 + 9 runs on one seed).
 SWEEP_PROTOCOL = ["--epochs", "6"] + PROTOCOL[2:]
@@ -374,7 +376,8 @@ def main(argv: Sequence[str] = None) -> int:
     protocol = " ".join(extra)
     title = f"{args.dataset}: accuracy benchmark (`{protocol}`)"
     # the summary covers every row with results, not only this invocation's
-    reported = [r for r in all_rows if any(m == r.method for m, _ in done)]
+    done_methods = {method for method, _ in done}
+    reported = [r for r in all_rows if r.method in done_methods]
     (results_dir / f"{name}.md").write_text(summarise(done, reported, title))
     plot(done, reported, results_dir / f"{name}.png")
     print(f"wrote {results_dir / name}.{{csv,md,png}}")

@@ -1397,7 +1397,7 @@ def _run(args: argparse.Namespace, rank: int) -> Dict[str, Any]:
         "last": last,
     }
     if args.shared_head:
-        # the tester scores the concatenation; report the class head alone beside it
+        # "last" is the tester's score of the concatenation; add the class head alone
         with _quiet_pml():
             heads = evaluate_heads(
                 tester,
@@ -1405,13 +1405,13 @@ def _run(args: argparse.Namespace, rank: int) -> Dict[str, Any]:
                 trainer.epoch,
                 trainer.models["trunk"],
                 trainer.models["embedder"],
+                weightings={"class": (1.0, 0.0)},
             )
-        results["heads"] = {
-            name: _strip_levels(split_accuracies[TEST_SPLIT])
-            for name, split_accuracies in heads.items()
-        }
-        for name, metrics in results["heads"].items():
-            logger.info("%s head(s), last epoch: %s", name, format_metrics(metrics))
+        results["heads"] = {"class": _strip_levels(heads["class"][TEST_SPLIT])}
+        logger.info(
+            "class head alone, last epoch: %s",
+            format_metrics(results["heads"]["class"]),
+        )
     if args.plots:
         make_figures(
             args, hooks, tester, trainer, loss_setup, train_dataset, test_dataset

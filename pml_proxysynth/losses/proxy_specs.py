@@ -4,7 +4,7 @@ Supporting a new proxy loss is one entry in ``PROXY_SPECS``. Subclasses of a lis
 supported through the entry of their nearest listed ancestor.
 """
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Dict, Optional, Tuple, Type
 
 import torch
@@ -68,12 +68,7 @@ PROXY_SPECS: Dict[Type[torch.nn.Module], ProxySpec] = {
         class_count_attrs=_NUM_CLASSES,
     ),
     # scale_logits multiplies by the norms of W (its subclasses below override that)
-    losses.LargeMarginSoftmaxLoss: ProxySpec(
-        "W",
-        classes_on_rows=False,
-        class_count_attrs=_NUM_CLASSES,
-        uses_proxy_norms=True,
-    ),
+    losses.LargeMarginSoftmaxLoss: replace(_LARGE_MARGIN, uses_proxy_norms=True),
     losses.ArcFaceLoss: _LARGE_MARGIN,
     losses.CosFaceLoss: _LARGE_MARGIN,
     losses.SphereFaceLoss: _LARGE_MARGIN,

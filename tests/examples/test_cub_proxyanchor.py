@@ -319,12 +319,13 @@ def test_glyphs_shared_head_end_to_end(ex, tmp_path):
     assert (out / "synthetic_batch.png").is_file()
     results = json.loads((out / "results.json").read_text())
     assert results["dataset"] == "glyphs" and results["epochs"] == 1
-    # the class head alone is reported beside the concatenation; the (1, 1) weighting is
-    # what the tester scored during training
-    assert set(results["heads"]) == {"concat", "class"}
-    for metric, value in results["last"].items():
-        if metric != "epoch":
-            assert results["heads"]["concat"][metric] == pytest.approx(value, abs=1e-6)
+    # the class head alone is reported beside "last" (the concatenation), with the same
+    # metrics; that evaluate_heads' weightings match direct tester runs is tested in
+    # tests/utils/test_head_weighting.py
+    assert set(results["heads"]) == {"class"}
+    class_part = results["heads"]["class"]
+    assert set(class_part) == set(results["last"]) - {"epoch"}
+    assert all(0 <= value <= 1 for value in class_part.values())
 
 
 def test_baseline_without_ps_has_no_synthetic_figure(ex, cub_root, tmp_path):
