@@ -34,9 +34,10 @@ class ProxySpec:
         for C + M classes for the duration of one call.
     positive_term: key of the loss-dict term that is averaged over the proxies with a
         positive in the batch (its ``divisor``), for ``positive_divisor="real"``.
-    uses_proxy_norms: True if the loss uses the proxies' norms, not only their
-        directions through a normalising distance; the wrapper then passes normalised
-        real proxies (otherwise it leaves their normalisation to the loss).
+    uses_proxy_norms, uses_embedding_norms: True if the loss uses the norms of the
+        proxies (of the embeddings), not only their directions through a normalising
+        distance; the wrapper then passes them normalised (otherwise it leaves their
+        normalisation to the loss).
     """
 
     param: str
@@ -45,6 +46,7 @@ class ProxySpec:
     class_count_attrs: Dict[str, ClassCountPatch] = field(default_factory=dict)
     positive_term: Optional[str] = None
     uses_proxy_norms: bool = False
+    uses_embedding_norms: bool = False
 
 
 _NUM_CLASSES = {"num_classes": _count}
@@ -67,11 +69,14 @@ PROXY_SPECS: Dict[Type[torch.nn.Module], ProxySpec] = {
         centers_attr="centers_per_class",
         class_count_attrs=_NUM_CLASSES,
     ),
-    # scale_logits multiplies by the norms of W (its subclasses below override that)
-    losses.LargeMarginSoftmaxLoss: replace(_LARGE_MARGIN, uses_proxy_norms=True),
+    # scale_logits multiplies by the norms of W and of the embeddings; SphereFace's by
+    # those of the embeddings; ArcFace's and CosFace's by neither
+    losses.LargeMarginSoftmaxLoss: replace(
+        _LARGE_MARGIN, uses_proxy_norms=True, uses_embedding_norms=True
+    ),
     losses.ArcFaceLoss: _LARGE_MARGIN,
     losses.CosFaceLoss: _LARGE_MARGIN,
-    losses.SphereFaceLoss: _LARGE_MARGIN,
+    losses.SphereFaceLoss: replace(_LARGE_MARGIN, uses_embedding_norms=True),
     losses.SubCenterArcFaceLoss: ProxySpec(
         "W",
         classes_on_rows=False,

@@ -189,7 +189,7 @@ class ProxySynthesisLoss(BaseMetricLossFunction):
                 embeddings,
                 labels,
                 shared,
-                normalize_proxies=not self._inner_normalizes(),
+                *self._left_to_inner_loss(),
             )
             self._record(synthesis)
             loss = self.loss_on(synthesis)
@@ -208,23 +208,31 @@ class ProxySynthesisLoss(BaseMetricLossFunction):
         labels: torch.Tensor,
         shared: Optional[torch.Generator] = None,
         normalize_proxies: bool = True,
+        normalize_embeddings: bool = True,
     ) -> Synthesis:
         """The enlarged set. Real rows are normalised once and not again after the
         concatenation: the result equals the official re-normalisation of the whole
         set, at O(M) instead of O(C). With ``normalize_proxies=False`` the real proxies
-        are passed as they are (only the mixed parents are normalised), for an inner
-        loss whose distance normalises them itself: this saves a normalisation of all C
-        proxies, forward and backward, the largest overhead at large C. (Embeddings are
-        always normalised: LargeMargin and SphereFace scale logits by their norms.)"""
+        are passed as they are and the synthetic ones as unnormalised mixes of normalised
+        parents (likewise the synthetic embeddings with ``normalize_embeddings=False``),
+        for an inner loss whose distance normalises them itself: this saves a
+        normalisation of all C proxies (the largest overhead at large C) and of the M
+        synthetic rows, forward and backward. (Real embeddings are always normalised, as
+        parents of the mixes.)"""
         raw_proxies = self._class_proxies(embeddings)
         num_classes = raw_proxies.shape[0]
         x = F.normalize(embeddings, dim=1)
         pairs, lam = self._draw_pairs_and_lam(labels, embeddings, shared)
         parents = labels[pairs]
         p_pairs = F.normalize(raw_proxies[parents], dim=-1)
-        x_syn = _normalized_mix(x[pairs[:, 0]], x[pairs[:, 1]], lam)
-        p_syn = _normalized_mix(p_pairs[:, 0], p_pairs[:, 1], lam)
-        proxies = F.normalize(raw_proxies, dim=-1) if normalize_proxies else raw_proxies
+        x_syn = _mix(x[pairs[:, 0]], x[pairs[:, 1]], lam)
+        p_syn = _mix(p_pairs[:, 0], p_pairs[:, 1], lam)
+        proxies = raw_proxies
+        if normalize_proxies:
+            proxies = F.normalize(raw_proxies, dim=-1)
+            p_syn = F.normalize(p_syn, dim=-1)
+        if normalize_embeddings:
+            x_syn = F.normalize(x_syn, dim=-1)
         syn_labels = torch.arange(num_classes, num_classes + len(pairs))
         all_proxies = torch.cat([proxies, p_syn])
         if self._centers_per_class() == 1:
@@ -237,12 +245,16 @@ class ProxySynthesisLoss(BaseMetricLossFunction):
             pairs=pairs,
         )
 
-    def _inner_normalizes(self) -> bool:
-        """Whether the inner loss sees its proxies only through a distance that
-        L2-normalises them (every supported loss by default, except LargeMargin)."""
+    def _left_to_inner_loss(self) -> Tuple[bool, bool]:
+        """(normalize_proxies, normalize_embeddings) for ``_synthesize`` in the loss
+        path: False where the inner loss sees that side only through a distance that
+        L2-normalises it (every supported loss by default, except for the norms that
+        LargeMargin and SphereFace use; see ``ProxySpec``)."""
         distance = getattr(self.loss, "distance", None)
-        return not self.spec.uses_proxy_norms and bool(
-            getattr(distance, "normalize_embeddings", False)
+        normalizes = bool(getattr(distance, "normalize_embeddings", False))
+        return (
+            not normalizes or self.spec.uses_proxy_norms,
+            not normalizes or self.spec.uses_embedding_norms,
         )
 
     def _centers_per_class(self) -> int:
@@ -273,12 +285,18 @@ class ProxySynthesisLoss(BaseMetricLossFunction):
         if labels.dtype.is_floating_point or labels.dtype == torch.bool:
             raise ValueError(f"labels must be integers, got dtype {labels.dtype}")
         num_classes = param.numel() // dim // self._centers_per_class()
-        if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
-            raise ValueError(
-                f"labels must lie in [0, {num_classes}) for a loss with {num_classes} "
-                f"classes, got labels from {labels.min().item()} to {labels.max().item()}"
-            )
-        if not torch.isfinite(embeddings).all():
+        if len(labels):
+            low, high = (int(v) for v in torch.aminmax(labels))
+            if low < 0 or high >= num_classes:
+                raise ValueError(
+                    f"labels must lie in [0, {num_classes}) for a loss with "
+                    f"{num_classes} classes, got labels from {low} to {high}"
+                )
+        # the sum is one cheap pass; only if it is not finite (which may also be an
+        # overflow of finite values) does the exact element-wise check decide
+        if not torch.isfinite(embeddings.detach().sum()) and not (
+            torch.isfinite(embeddings).all()
+        ):
             raise ValueError("embeddings contain NaN or inf")
 
     def _shared_generator(self, like: torch.Tensor) -> Optional[torch.Generator]:
@@ -363,10 +381,9 @@ class ProxySynthesisLoss(BaseMetricLossFunction):
         generator: Optional[torch.Generator] = None,
     ) -> torch.Tensor:
         shape = (num_pairs,) if self.lam_per == "pair" else ()
-        beta = torch.distributions.Beta(
-            torch.tensor(self.alpha, dtype=torch.float64),
-            torch.tensor(self.alpha, dtype=torch.float64),
-        )
+        alpha = torch.tensor(self.alpha, dtype=torch.float64)
+        # alpha > 0 is checked in __init__; the distribution's own checks cost ~0.1 ms
+        beta = torch.distributions.Beta(alpha, alpha, validate_args=False)
         with _rng_from(self.generator if generator is None else generator):
             lam = beta.sample(shape)
         return lam.to(device=like.device, dtype=like.dtype)
@@ -436,12 +453,10 @@ class _RealPositiveDivisor(torch.nn.Module):
         return self.reducer(loss_dict, embeddings, labels)
 
 
-def _normalized_mix(
-    a: torch.Tensor, b: torch.Tensor, lam: torch.Tensor
-) -> torch.Tensor:
-    """l2norm(lam * a + (1 - lam) * b) over the last dim; lam is a scalar or one per row."""
+def _mix(a: torch.Tensor, b: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+    """lam * a + (1 - lam) * b; lam is a scalar or one per row."""
     lam = lam.reshape((-1,) + (1,) * (a.ndim - 1)) if lam.ndim else lam
-    return F.normalize(lam * a + (1 - lam) * b, dim=-1)
+    return torch.lerp(b, a, lam)
 
 
 @contextlib.contextmanager
