@@ -56,6 +56,7 @@ from torch.nn.parallel import DistributedDataParallel
 from pml_proxysynth.datasets.glyphs import Glyphs
 from pml_proxysynth.losses import ProxySynthesisLoss
 from pml_proxysynth.miners import SharedCharacteristicsMiner
+from pml_proxysynth.samplers import DistributedMPerClassSampler
 from pml_proxysynth.utils import (
     DecorrelatedCascadedEmbeddings,
     HeadDecorrelationLoss,
@@ -410,10 +411,6 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
          "--ps-positive-divisor needs --loss proxy_anchor"),
         (args.ps and args.loss in TUPLE_LOSSES,
          f"--loss {args.loss} is not a proxy loss: Proxy Synthesis needs --no-ps"),
-        (args.world_size > 1 and (args.shared_head or args.loss in TUPLE_LOSSES
-                                        or args.sampler != "random"),
-         "under torchrun (WORLD_SIZE > 1) only proxy losses with --sampler random are "
-         "supported so far (no --shared-head, --loss margin or --sampler m_per_class)"),
         (recall_k.isdigit() and int(recall_k) not in args.recall_ks,
          f"--primary-metric {args.primary_metric} needs its K in --recall-ks"),
     ]
@@ -623,13 +620,12 @@ def build_datasets(args: argparse.Namespace) -> Tuple[Any, Any]:
         build_dataset(args, "test", test_tf), args.max_test_images, args.seed + 1
     )
     num_classes = len(np.unique(np.asarray(train.labels)))
-    if (
-        args.sampler == "m_per_class"
-        and args.m_per_class * num_classes < args.batch_size
-    ):
+    global_batch = args.batch_size * args.world_size
+    if args.sampler == "m_per_class" and args.m_per_class * num_classes < global_batch:
+        per_process = f" x {args.world_size} processes" if args.world_size > 1 else ""
         raise SetupError(
             f"--sampler m_per_class: {num_classes} training classes x --m-per-class "
-            f"{args.m_per_class} < --batch-size {args.batch_size}"
+            f"{args.m_per_class} < --batch-size {args.batch_size}{per_process}"
         )
     if len(train) < args.batch_size:
         raise SetupError(
@@ -654,6 +650,14 @@ def build_sampler(
             return None
         return torch.utils.data.DistributedSampler(
             range(len(labels)), shuffle=True, seed=args.seed, drop_last=True
+        )
+    if args.world_size > 1:  # each rank its block of one class-balanced global batch
+        return DistributedMPerClassSampler(
+            labels,
+            m=args.m_per_class,
+            batch_size=args.batch_size,
+            length_before_new_iter=max(len(labels) // args.world_size, args.batch_size),
+            seed=args.seed,
         )
     return samplers.MPerClassSampler(
         np.asarray(labels),
@@ -816,8 +820,6 @@ def build_loss(args: argparse.Namespace, num_classes: int) -> LossSetup:
         else None
     )
     if not args.shared_head:
-        if args.world_size > 1:  # every rank computes the loss on the gathered batch
-            class_loss = pml_distributed.DistributedLossWrapper(class_loss)
         mining = {"tuple_miner": class_miner} if class_miner else {}
         return LossSetup({"metric_loss": class_loss}, mining, {"metric_loss": 1.0})
     loss_funcs = {
@@ -841,13 +843,50 @@ def build_loss(args: argparse.Namespace, num_classes: int) -> LossSetup:
     return LossSetup(loss_funcs, mining, weights)
 
 
+def distributed(setup: LossSetup) -> LossSetup:
+    """The losses and miners for torchrun. Every PML loss and miner works on the
+    gathered batch (PML's distributed wrappers); each rank draws its own tuples there, and
+    only its own rows carry gradients. Losses with trainable parameters (proxies, margin
+    betas, the decorrelation regressor) are also wrapped in DistributedDataParallel, so
+    that their gradients are averaged and the parameters stay identical on every rank
+    (tuple draws, and the order in which ranks sum their rows, differ)."""
+
+    def wrap_loss(loss: nn.Module) -> nn.Module:
+        if isinstance(loss, losses.BaseMetricLossFunction):
+            loss = pml_distributed.DistributedLossWrapper(loss)
+        if any(p.requires_grad for p in loss.parameters()):
+            # unused: e.g. a margin loss's beta when a batch yields no tuple
+            loss = DistributedDataParallel(loss, find_unused_parameters=True)
+        return loss
+
+    return LossSetup(
+        {k: wrap_loss(v) for k, v in setup.loss_funcs.items()},
+        {
+            k: pml_distributed.DistributedMinerWrapper(v)
+            for k, v in setup.mining_funcs.items()
+        },
+        setup.loss_weights,
+    )
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    """``module`` without its DistributedDataParallel and PML distributed wrappers."""
+    while True:
+        if isinstance(module, DistributedDataParallel):
+            module = module.module
+        elif isinstance(module, pml_distributed.DistributedLossWrapper):
+            module = module.loss
+        elif isinstance(module, pml_distributed.DistributedMinerWrapper):
+            module = module.miner
+        else:
+            return module
+
+
 def synthesis_loss(loss_funcs: Dict[str, nn.Module]) -> Optional[ProxySynthesisLoss]:
-    """The ProxySynthesisLoss among ``loss_funcs`` (also inside PML's
-    DistributedLossWrapper), if any."""
+    """The ProxySynthesisLoss among ``loss_funcs`` (also inside distributed wrappers),
+    if any."""
     for key in ("metric_loss", "metric_loss_0"):
-        loss = loss_funcs.get(key)
-        if isinstance(loss, pml_distributed.DistributedLossWrapper):
-            loss = loss.loss
+        loss = unwrap(loss_funcs.get(key, nn.Identity()))
         if isinstance(loss, ProxySynthesisLoss):
             return loss
     return None
@@ -936,7 +975,7 @@ def build_trainer(
             if args.decorrelation_rho > 0
             else trainers.CascadedEmbeddings
         )
-        sizes = (models["embedder"].embedding_sizes,)
+        sizes = (unwrap(models["embedder"]).embedding_sizes,)
     if args.amp:
         trainer_class = with_autocast(trainer_class)
         on_cuda = torch.device(args.device).type == "cuda"
@@ -1148,11 +1187,11 @@ def on_rank_zero_first(args: argparse.Namespace, rank: int, fn, everywhere=True)
     return result
 
 
-def unwrapped(models: Dict[str, nn.Module]) -> Dict[str, nn.Module]:
-    """The models without their DistributedDataParallel wrappers."""
+def unwrapped(modules: Dict[str, nn.Module]) -> Dict[str, nn.Module]:
+    """The modules without their DistributedDataParallel wrappers (what PML saves)."""
     return {
         k: m.module if isinstance(m, DistributedDataParallel) else m
-        for k, m in models.items()
+        for k, m in modules.items()
     }
 
 
@@ -1307,6 +1346,8 @@ def _run(args: argparse.Namespace, rank: int) -> Dict[str, Any]:
             }
     loss_setup = build_loss(args, num_classes)
     optimizers, schedulers = build_optimizers(args, models, loss_setup.loss_funcs)
+    if args.world_size > 1:
+        loss_setup = distributed(loss_setup)
 
     if rank == 0:
         hooks, keeping = build_hooks(
@@ -1363,6 +1404,7 @@ def _run(args: argparse.Namespace, rank: int) -> Dict[str, Any]:
         # PML saves a DDP model's module: load into the unwrapped models
         saved_objects = copy.copy(trainer)
         saved_objects.models = unwrapped(trainer.models)
+        saved_objects.loss_funcs = unwrapped(trainer.loss_funcs)
         with _quiet_pml():
             start_epoch = hooks.load_latest_saved_models(
                 saved_objects, model_folder, args.device

@@ -1,0 +1,1 @@
+from .distributed_m_per_class_sampler import DistributedMPerClassSampler

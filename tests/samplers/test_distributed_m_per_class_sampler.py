@@ -1,0 +1,94 @@
+"""DistributedMPerClassSampler: the ranks' blocks of each batch form one class-balanced
+batch (m rows per class, each class on one rank), the same on every rank's sampler, new
+after set_epoch; PML's numpy RNG is left as it was."""
+
+import unittest
+from collections import Counter
+
+import numpy as np
+from pytorch_metric_learning.utils import common_functions as c_f
+
+from pml_proxysynth.samplers import DistributedMPerClassSampler
+
+WORLD_SIZE, M, BATCH_SIZE, LENGTH = 3, 2, 4, 24  # BATCH_SIZE rows per rank
+
+
+def make_labels(num_classes=10, rows_per_class=(1, 2, 5)):
+    """Classes of 1, 2 and 5 rows (a class with fewer than M rows is drawn with
+    replacement, as by PML's sampler)."""
+    sizes = [rows_per_class[c % len(rows_per_class)] for c in range(num_classes)]
+    return np.repeat(np.arange(num_classes), sizes)
+
+
+def rank_samplers(labels, seed=0):
+    return [
+        DistributedMPerClassSampler(
+            labels, M, BATCH_SIZE, LENGTH, num_replicas=WORLD_SIZE, rank=r, seed=seed
+        )
+        for r in range(WORLD_SIZE)
+    ]
+
+
+def batches(sampler):
+    """The sampler's indices cut into per-rank batches."""
+    indices = list(sampler)
+    return [indices[i : i + BATCH_SIZE] for i in range(0, len(indices), BATCH_SIZE)]
+
+
+class TestDistributedMPerClassSampler(unittest.TestCase):
+    def test_ranks_blocks_form_one_class_balanced_batch(self):
+        labels = make_labels()
+        per_rank = [batches(s) for s in rank_samplers(labels)]
+        self.assertEqual([len(b) for b in per_rank], [LENGTH // BATCH_SIZE] * WORLD_SIZE)
+        for step in zip(*per_rank):
+            rank_classes = [set(labels[block]) for block in step]
+            counts = Counter(labels[np.concatenate(step)])
+            # m rows of each class, WORLD_SIZE * BATCH_SIZE / M distinct classes ...
+            self.assertEqual(set(counts.values()), {M})
+            self.assertEqual(len(counts), WORLD_SIZE * BATCH_SIZE // M)
+            # ... and no class split over two ranks
+            self.assertEqual(sum(len(c) for c in rank_classes), len(counts))
+
+    def test_same_draws_on_every_rank_object_new_ones_per_epoch(self):
+        labels = make_labels()
+        first = [list(s) for s in rank_samplers(labels)]
+        self.assertEqual(first, [list(s) for s in rank_samplers(labels)])
+        self.assertNotEqual(first, [list(s) for s in rank_samplers(labels, seed=1)])
+        moved = rank_samplers(labels)
+        for s in moved:
+            s.set_epoch(1)
+        self.assertNotEqual(first, [list(s) for s in moved])
+
+    def test_len_and_pml_rng_untouched(self):
+        saved = c_f.NUMPY_RANDOM
+        state = np.random.get_state()[1].copy()
+        sampler = rank_samplers(make_labels())[1]
+        self.assertEqual(len(sampler), LENGTH)
+        self.assertEqual(len(list(sampler)), LENGTH)
+        self.assertIs(c_f.NUMPY_RANDOM, saved)
+        np.testing.assert_array_equal(np.random.get_state()[1], state)
+
+    def test_bad_arguments(self):
+        labels = make_labels()
+        cases = [
+            (dict(batch_size=5), "multiple of m"),
+            (dict(length_before_new_iter=2), "at least batch_size"),
+            (dict(rank=3), r"rank must lie in \[0, 3\)"),
+            (dict(num_replicas=None), "process group"),
+        ]
+        for change, message in cases:
+            kwargs = dict(
+                m=M,
+                batch_size=BATCH_SIZE,
+                length_before_new_iter=LENGTH,
+                num_replicas=WORLD_SIZE,
+                rank=0,
+            )
+            kwargs.update(change)
+            with self.subTest(change=change):
+                with self.assertRaisesRegex(ValueError, message):
+                    DistributedMPerClassSampler(labels, **kwargs)
+
+
+if __name__ == "__main__":
+    unittest.main()
