@@ -39,7 +39,9 @@ class TestDistributedMPerClassSampler(unittest.TestCase):
     def test_ranks_blocks_form_one_class_balanced_batch(self):
         labels = make_labels()
         per_rank = [batches(s) for s in rank_samplers(labels)]
-        self.assertEqual([len(b) for b in per_rank], [LENGTH // BATCH_SIZE] * WORLD_SIZE)
+        self.assertEqual(
+            [len(b) for b in per_rank], [LENGTH // BATCH_SIZE] * WORLD_SIZE
+        )
         for step in zip(*per_rank):
             rank_classes = [set(labels[block]) for block in step]
             counts = Counter(labels[np.concatenate(step)])
