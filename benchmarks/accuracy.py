@@ -100,6 +100,23 @@ SUPPLEMENTARY_ROWS: List[Row] = [
         "proxy_anchor",
         ("--ps-mu", "1"),
     ),
+    # synthetic classes left out of their parents' negatives (--ps-exclude-parents)
+    Row(
+        "proxy_anchor+ps mu=1 exclude-parents",
+        "proxy_anchor",
+        True,
+        False,
+        "proxy_anchor",
+        ("--ps-mu", "1", "--ps-exclude-parents"),
+    ),
+    Row(
+        "proxy_anchor+ps exclude-parents",
+        "proxy_anchor",
+        True,
+        False,
+        "proxy_anchor",
+        ("--ps-exclude-parents",),
+    ),
     # PML's ProxyNCALoss has softmax_scale 1; the official PS code uses 10-12 (README: 12)
     Row("proxy_nca scale=12", "proxy_nca", False, False, "", NCA_SCALE_12),
     Row(

@@ -55,6 +55,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from pml_proxysynth.datasets.glyphs import Glyphs
 from pml_proxysynth.losses import ProxySynthesisLoss
+from pml_proxysynth.losses.proxy_specs import PROXY_SPECS
 from pml_proxysynth.miners import SharedCharacteristicsMiner
 from pml_proxysynth.samplers import DistributedMPerClassSampler
 from pml_proxysynth.utils import (
@@ -278,6 +279,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Proxy Synthesis over proxy_anchor: divide the real proxies' "
                         "positive term by all proxies with a positive (official) or by "
                         "the real ones only")
+    g.add_argument("--ps-exclude-parents", action="store_true",
+                   help="Proxy Synthesis over proxy_anchor or normalized_softmax: a "
+                        "synthetic class is not a negative of its two parent classes")
     g.add_argument("--shared-head", action="store_true",
                    help="add the Sharing Matters shared head, trained by a margin loss on "
                         "inter-class triplets (PML's CascadedEmbeddings trainer)")
@@ -409,6 +413,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         (args.ps and args.ps_mu == 0, "--ps-mu 0 turns Proxy Synthesis off: use --no-ps"),
         (args.ps_positive_divisor != "all" and args.loss != "proxy_anchor",
          "--ps-positive-divisor needs --loss proxy_anchor"),
+        (args.ps_exclude_parents and not (
+            args.ps and args.loss in PROXY_LOSSES
+            and PROXY_SPECS[PROXY_LOSSES[args.loss]].excludable_pairs),
+         "--ps-exclude-parents needs Proxy Synthesis over --loss proxy_anchor or "
+         "normalized_softmax"),
         (args.ps and args.loss in TUPLE_LOSSES,
          f"--loss {args.loss} is not a proxy loss: Proxy Synthesis needs --no-ps"),
         (recall_k.isdigit() and int(recall_k) not in args.recall_ks,
@@ -804,6 +813,7 @@ def build_class_loss(args: argparse.Namespace, num_classes: int) -> nn.Module:
             pairing=args.ps_pairing,
             lam_per=args.ps_lam_per,
             positive_divisor=args.ps_positive_divisor,
+            exclude_parents=args.ps_exclude_parents,
         )
     return loss
 

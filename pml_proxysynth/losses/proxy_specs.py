@@ -34,6 +34,10 @@ class ProxySpec:
         for C + M classes for the duration of one call.
     positive_term: key of the loss-dict term that is averaged over the proxies with a
         positive in the batch (its ``divisor``), for ``positive_divisor="real"``.
+    excludable_pairs: True if the loss reads its logits from one distance matrix between
+        the embeddings and the proxies and takes a least-similar entry (-inf similarity,
+        +inf distance) as an absent pair, with finite gradients; needed for
+        ``exclude_parents`` (checked by hand for the losses marked).
     uses_proxy_norms, uses_embedding_norms: True if the loss uses the norms of the
         proxies (of the embeddings), not only their directions through a normalising
         distance; the wrapper then passes them normalised (otherwise it leaves their
@@ -45,6 +49,7 @@ class ProxySpec:
     centers_attr: Optional[str] = None
     class_count_attrs: Dict[str, ClassCountPatch] = field(default_factory=dict)
     positive_term: Optional[str] = None
+    excludable_pairs: bool = False
     uses_proxy_norms: bool = False
     uses_embedding_norms: bool = False
 
@@ -58,11 +63,14 @@ PROXY_SPECS: Dict[Type[torch.nn.Module], ProxySpec] = {
         classes_on_rows=True,
         class_count_attrs=_NUM_CLASSES,
         positive_term="pos_loss",
+        excludable_pairs=True,
     ),
     losses.ProxyNCALoss: ProxySpec(
         "proxies", classes_on_rows=True, class_count_attrs={"proxy_labels": _arange}
     ),
-    losses.NormalizedSoftmaxLoss: ProxySpec("W", classes_on_rows=False),
+    losses.NormalizedSoftmaxLoss: ProxySpec(
+        "W", classes_on_rows=False, excludable_pairs=True
+    ),
     losses.SoftTripleLoss: ProxySpec(
         "fc",
         classes_on_rows=False,

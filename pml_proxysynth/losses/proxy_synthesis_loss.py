@@ -6,12 +6,13 @@ from typing import Iterator, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+from pytorch_metric_learning.distances import BaseDistance
 from pytorch_metric_learning.losses import BaseMetricLossFunction
 from pytorch_metric_learning.reducers import DivisorReducer, MultipleReducers
 from pytorch_metric_learning.utils import common_functions as c_f
 from torch.func import functional_call
 
-from .proxy_specs import ProxySpec, find_proxy_spec
+from .proxy_specs import PROXY_SPECS, ProxySpec, find_proxy_spec
 
 PAIRINGS = ("random", "roll")
 LAMBDA_MODES = ("batch", "pair")
@@ -59,6 +60,12 @@ class ProxySynthesisLoss(BaseMetricLossFunction):
             with a single positive, dilute the real classes' pull; "real" divides the real
             proxies' share by the real classes in the batch only, as without synthesis
             (the synthetic share keeps the official divisor).
+        exclude_parents: False (official): a synthetic class is a negative of its two
+            parent classes like of every other class. True: it is neither positive nor
+            negative for them; the pairs (synthetic row, parent proxy) and (parent
+            class's row, synthetic proxy) are left out of the inner loss's similarity
+            matrix. For losses marked ``excludable_pairs`` in ``PROXY_SPECS``
+            (ProxyAnchorLoss, NormalizedSoftmaxLoss).
         generator: optional ``torch.Generator`` for the pairs and lam; otherwise torch's
             global RNG, so ``torch.manual_seed`` makes runs reproducible. Under
             torch.distributed only rank 0's draw from it matters (see below).
@@ -96,6 +103,7 @@ class ProxySynthesisLoss(BaseMetricLossFunction):
         pairing: str = "random",
         lam_per: str = "batch",
         positive_divisor: str = "all",
+        exclude_parents: bool = False,
         generator: Optional[torch.Generator] = None,
         **kwargs,
     ):
@@ -123,12 +131,22 @@ class ProxySynthesisLoss(BaseMetricLossFunction):
                 f"(ProxyAnchorLoss with its default reducer); got {type(loss).__name__} "
                 f"with {type(loss.reducer).__name__}"
             )
+        if exclude_parents and not self.spec.excludable_pairs:
+            excludable = [
+                c.__name__ for c, v in PROXY_SPECS.items() if v.excludable_pairs
+            ]
+            raise ValueError(
+                f"exclude_parents=True needs one of {', '.join(excludable)} (a loss "
+                f"that can leave pairs out of its similarity matrix); got "
+                f"{type(loss).__name__}"
+            )
         self.loss = loss
         self.alpha = float(alpha)
         self.mu = float(mu)
         self.pairing = pairing
         self.lam_per = lam_per
         self.positive_divisor = positive_divisor
+        self.exclude_parents = bool(exclude_parents)
         self.generator = generator
         self.add_to_recordable_attributes(list_of_names=["alpha", "mu"], is_stat=False)
         self.add_to_recordable_attributes(
@@ -157,10 +175,9 @@ class ProxySynthesisLoss(BaseMetricLossFunction):
 
     def loss_on(self, synthesis: Synthesis) -> torch.Tensor:
         """The unchanged inner loss on an enlarged set, with its proxies swapped in."""
-        num_classes = synthesis.proxies.shape[0]
         proxies = synthesis.proxies.reshape(-1, synthesis.proxies.shape[-1])
         param = proxies if self.spec.classes_on_rows else proxies.t()
-        with self._patched(num_classes, num_classes - len(synthesis.pairs)):
+        with self._patched(synthesis):
             return functional_call(
                 self.loss,
                 {self.spec.param: param},
@@ -389,9 +406,12 @@ class ProxySynthesisLoss(BaseMetricLossFunction):
         return lam.to(device=like.device, dtype=like.dtype)
 
     @contextlib.contextmanager
-    def _patched(self, num_classes: int, num_real_classes: int) -> Iterator[None]:
-        """Sets the inner loss's class-count attributes for ``num_classes`` classes (and,
-        for positive_divisor="real", its reducer) for the duration of one call."""
+    def _patched(self, synthesis: Synthesis) -> Iterator[None]:
+        """Sets the inner loss's class-count attributes for the enlarged set's classes
+        (and, for positive_divisor="real", its reducer; for exclude_parents, its
+        distance) for the duration of one call."""
+        num_classes = synthesis.proxies.shape[0]
+        num_real_classes = num_classes - len(synthesis.pairs)
         patches = {
             name: value_for(num_classes)
             for name, value_for in self.spec.class_count_attrs.items()
@@ -399,6 +419,11 @@ class ProxySynthesisLoss(BaseMetricLossFunction):
         if self.positive_divisor == "real":
             patches["reducer"] = _RealPositiveDivisor(
                 self.loss.reducer, self.spec.positive_term, num_real_classes
+            )
+        if self.exclude_parents:
+            patches["distance"] = _WithoutPairs(
+                self.loss.distance,
+                _parent_pairs(synthesis.labels, synthesis.pairs, num_real_classes),
             )
         saved = {name: getattr(self.loss, name) for name in patches}
         try:
@@ -451,6 +476,49 @@ class _RealPositiveDivisor(torch.nn.Module):
         scale = term["divisor"] / max(num_real, 1)
         term["losses"] = torch.where(real_proxy, term["losses"] * scale, term["losses"])
         return self.reducer(loss_dict, embeddings, labels)
+
+
+class _WithoutPairs(BaseDistance):
+    """``distance`` with the ``excluded`` [query, reference] entries set to the least
+    similar value (-inf similarity, +inf distance): an absent pair for the losses marked
+    ``excludable_pairs``."""
+
+    def __init__(self, distance: BaseDistance, excluded: torch.Tensor):
+        super().__init__(
+            normalize_embeddings=distance.normalize_embeddings,
+            p=distance.p,
+            power=distance.power,
+            is_inverted=distance.is_inverted,
+        )
+        self.distance, self.excluded = distance, excluded
+
+    def forward(self, query_emb, ref_emb=None):
+        mat = self.distance(query_emb, ref_emb)
+        return mat.masked_fill(
+            self.excluded, -math.inf if self.is_inverted else math.inf
+        )
+
+
+def _parent_pairs(
+    labels: torch.Tensor, pairs: torch.Tensor, num_real_classes: int
+) -> torch.Tensor:
+    """[B+M, C+M] bool for an enlarged set (B real rows, then M synthetic rows of labels
+    C, ..., C+M-1): True for synthetic row m and its two parent classes, and for each
+    real row and the synthetic classes that have its class as a parent."""
+    num_syn = len(pairs)
+    num_real_rows = len(labels) - num_syn
+    is_parent = torch.zeros(
+        num_real_classes, num_syn, dtype=torch.bool, device=labels.device
+    )
+    syn = torch.arange(num_syn, device=labels.device)
+    is_parent[labels[pairs[:, 0]], syn] = True
+    is_parent[labels[pairs[:, 1]], syn] = True
+    excluded = torch.zeros(
+        len(labels), num_real_classes + num_syn, dtype=torch.bool, device=labels.device
+    )
+    excluded[:num_real_rows, num_real_classes:] = is_parent[labels[:num_real_rows]]
+    excluded[num_real_rows:, :num_real_classes] = is_parent.t()
+    return excluded
 
 
 def _mix(a: torch.Tensor, b: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:

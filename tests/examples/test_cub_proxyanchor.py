@@ -535,6 +535,8 @@ def test_output_dir_protection(ex, cub_root, tmp_path, capsys):
             ["--loss", "arcface", "--ps-positive-divisor", "real"],
             "needs --loss proxy_anchor",
         ),  # fmt: skip
+        (["--loss", "proxy_nca", "--ps-exclude-parents"], "--ps-exclude-parents needs"),
+        (["--no-ps", "--ps-exclude-parents"], "--ps-exclude-parents needs"),
     ],
 )
 def test_bad_flag_combinations(ex, capsys, argv, message):

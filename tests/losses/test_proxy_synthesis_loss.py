@@ -188,15 +188,19 @@ class TestEveryLossAgainstFreshInstance(unittest.TestCase):
         self.assertTrue(torch.allclose(syn.proxies[:NUM_CLASSES], centres))
 
 
-def proxy_anchor_formula(x, p, labels, num_real_classes, margin, alpha, divisor):
+def proxy_anchor_formula(
+    x, p, labels, num_real_classes, margin, alpha, divisor, excluded=None
+):
     """Proxy-Anchor (Kim et al. 2020) written out on unit vectors. The positive term sums
     over the proxies with a positive; "all" divides it by their number, "real" divides
     the real proxies' part by the number of real ones among them (the synthetic part
-    keeps the "all" divisor). The negative term averages over all proxies."""
+    keeps the "all" divisor). The negative term averages over all proxies. ``excluded``
+    [rows, proxies] pairs count in neither term."""
     cos = x @ p.t()
     pos_mask = F.one_hot(labels, p.shape[0]).bool()
+    kept = torch.ones_like(pos_mask) if excluded is None else ~excluded
     pos_exp = torch.where(pos_mask, torch.exp(-alpha * (cos - margin)), 0).sum(0)
-    neg_exp = torch.where(~pos_mask, torch.exp(alpha * (cos + margin)), 0).sum(0)
+    neg_exp = torch.where(~pos_mask & kept, torch.exp(alpha * (cos + margin)), 0).sum(0)
     with_pos = pos_mask.any(0)
     pos = torch.log1p(pos_exp) * with_pos
     neg = torch.log1p(neg_exp).sum() / p.shape[0]
@@ -267,6 +271,83 @@ class TestPositiveDivisor(unittest.TestCase):
         ):
             with self.assertRaisesRegex(ValueError, "DivisorReducer"):
                 ProxySynthesisLoss(bad, positive_divisor="real")
+
+
+def parent_pairs_by_loop(labels, pairs, num_real_classes):
+    """[B+M, C+M] bool: synthetic row m with its parents' classes, and every real row
+    with the synthetic classes one of whose parents has its class."""
+    num_syn = len(pairs)
+    num_real_rows = len(labels) - num_syn
+    excluded = torch.zeros(len(labels), num_real_classes + num_syn, dtype=torch.bool)
+    for m, (i, j) in enumerate(pairs.tolist()):
+        parents = (labels[i].item(), labels[j].item())
+        for c in parents:
+            excluded[num_real_rows + m, c] = True
+        for r in range(num_real_rows):
+            if labels[r].item() in parents:
+                excluded[r, num_real_classes + m] = True
+    return excluded.to(labels.device)
+
+
+class TestExcludeParents(unittest.TestCase):
+    def test_equals_formulas_without_the_parent_pairs(self):
+        for dtype in (torch.float32, torch.float64):
+            for name in ("ProxyAnchorLoss", "NormalizedSoftmaxLoss"):
+                for mu in (0.5, 1.0, 2.0):
+                    with self.subTest(dtype=dtype, loss=name, mu=mu):
+                        torch.manual_seed(0)
+                        inner = getattr(losses, name)(NUM_CLASSES, EMBEDDING_SIZE)
+                        inner = inner.to(TEST_DEVICE, dtype)
+                        wrapper = ProxySynthesisLoss(inner, mu=mu, exclude_parents=True)
+                        emb = torch.randn(
+                            BATCH_SIZE, EMBEDDING_SIZE, device=TEST_DEVICE, dtype=dtype
+                        ).requires_grad_()
+                        labels = torch.randint(0, 5, (BATCH_SIZE,), device=TEST_DEVICE)
+                        torch.manual_seed(1)
+                        syn = wrapper.synthesize(emb, labels)
+                        torch.manual_seed(1)
+                        loss = wrapper(emb, labels)
+                        excluded = parent_pairs_by_loop(
+                            syn.labels, syn.pairs, NUM_CLASSES
+                        )
+                        self.assertTrue(excluded.any())
+                        if name == "ProxyAnchorLoss":
+                            expected = proxy_anchor_formula(
+                                syn.embeddings, syn.proxies, syn.labels, NUM_CLASSES,
+                                inner.margin, inner.alpha, "all", excluded,
+                            )  # fmt: skip
+                        else:
+                            logits = (
+                                syn.embeddings @ syn.proxies.t() / inner.temperature
+                            )
+                            logits = logits.masked_fill(excluded, -float("inf"))
+                            expected = F.cross_entropy(logits, syn.labels)
+                        self.assertTrue(
+                            torch.isclose(loss, expected, rtol=rtol_for(dtype)),
+                            (loss, expected),
+                        )
+                        loss.backward()
+                        self.assertTrue(torch.isfinite(emb.grad).all())
+                        param = next(inner.parameters())
+                        self.assertTrue(torch.isfinite(param.grad).all())
+
+    def test_distance_restored_and_unsupported_losses(self):
+        inner = losses.ProxyAnchorLoss(NUM_CLASSES, EMBEDDING_SIZE)
+        distance = inner.distance
+        wrapper = ProxySynthesisLoss(inner, exclude_parents=True)
+        official = ProxySynthesisLoss(copy.deepcopy(inner))
+        emb, labels = torch.randn(6, EMBEDDING_SIZE), torch.arange(6)
+        torch.manual_seed(0)
+        excluding = wrapper(emb, labels)
+        torch.manual_seed(0)
+        self.assertNotAlmostEqual(excluding.item(), official(emb, labels).item())
+        self.assertIs(inner.distance, distance)
+        for name in ("ProxyNCALoss", "SoftTripleLoss", "ArcFaceLoss"):
+            bad = build_losses(NUM_CLASSES)[name]
+            with self.assertRaisesRegex(
+                ValueError, "exclude_parents=True needs one of"
+            ):
+                ProxySynthesisLoss(bad, exclude_parents=True)
 
 
 class TestPairing(unittest.TestCase):
