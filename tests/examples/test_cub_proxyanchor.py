@@ -1,7 +1,6 @@
 """End-to-end and bad-input tests of examples/cub_proxyanchor.py (tiny data, CPU, seconds)."""
 
 import copy
-import importlib.util
 import json
 import os
 import sqlite3
@@ -16,8 +15,8 @@ import torch
 from PIL import Image
 
 from ..distributed_utils import free_port
+from . import EXAMPLE, load_example
 
-EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "cub_proxyanchor.py"
 TRAIN_CLASSES = (1, 2, 3, 4)
 TEST_CLASSES = (101, 102, 103, 104)
 # A small Glyphs configuration: 4 fonts, 36 characters, renders in about a second.
@@ -35,11 +34,7 @@ GLYPHS_OPTIONS = [
 
 @pytest.fixture(scope="module")
 def ex():
-    spec = importlib.util.spec_from_file_location("cub_proxyanchor", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["cub_proxyanchor"] = module
-    spec.loader.exec_module(module)
-    yield module
+    yield load_example()
     sys.modules.pop("cub_proxyanchor", None)
 
 

@@ -8,10 +8,7 @@ betas and the proxies must stay bit-identical across ranks. The triplets must co
 the gathered batch (indices beyond the rank's own rows).
 """
 
-import importlib.util
-import sys
 import unittest
-from pathlib import Path
 
 import torch
 from pytorch_metric_learning import losses
@@ -19,17 +16,9 @@ from pytorch_metric_learning import losses
 from pml_proxysynth.miners import SharedCharacteristicsMiner
 
 from ..distributed_utils import WORLD_SIZE, init_process_group, save_result, spawn
+from . import load_example
 
-EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "cub_proxyanchor.py"
 BATCH_SIZE, DIM, NUM_CLASSES, STEPS = 8, 4, 6, 3
-
-
-def load_example():
-    spec = importlib.util.spec_from_file_location("cub_proxyanchor", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["cub_proxyanchor"] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def worker(rank, port, out_dir):
