@@ -134,6 +134,14 @@ SUPPLEMENTARY_ROWS: List[Row] = [
         "proxy_anchor", "proxy-lr-mult=10", ("--proxy-lr-mult", "10")
     ),
     *_with_and_without_ps("proxy_anchor", "alpha=16", ("--proxy-anchor-alpha", "16")),
+    Row(
+        "proxy_anchor+ps alpha=16 exclude-parents",
+        "proxy_anchor",
+        True,
+        False,
+        "proxy_anchor alpha=16",
+        ("--proxy-anchor-alpha", "16", "--ps-exclude-parents"),
+    ),
     *_with_and_without_ps("proxy_anchor", "alpha=8", ("--proxy-anchor-alpha", "8")),
     # plain shuffling leaves most anchors of a 128-batch over 324 classes without a
     # positive; these margin rows get class-balanced batches (2 per class) instead:
