@@ -77,13 +77,15 @@ ROWS += [
 ]
 
 
+def _ps_row(loss: str, tag: str, baseline: str, flags: tuple) -> Row:
+    """The PS row ``<loss>+ps <tag>`` with ``flags``, paired with ``baseline``."""
+    return Row(f"{loss}+ps {tag}", loss, True, False, baseline, flags)
+
+
 def _with_and_without_ps(loss: str, tag: str, flags: tuple) -> List[Row]:
     """A baseline row and its PS counterpart, both with ``flags``."""
     base = f"{loss} {tag}"
-    return [
-        Row(base, loss, False, False, "", flags),
-        Row(f"{loss}+ps {tag}", loss, True, False, base, flags),
-    ]
+    return [Row(base, loss, False, False, "", flags), _ps_row(loss, tag, base, flags)]
 
 
 # Rows beyond the issue's list, run only with --supplementary (or by name in --methods);
@@ -92,41 +94,20 @@ M_PER_CLASS_2 = ("--sampler", "m_per_class", "--m-per-class", "2")
 NCA_SCALE_12 = ("--loss-kwargs", '{"softmax_scale": 12}')
 SUPPLEMENTARY_ROWS: List[Row] = [
     # the example's ProxyAnchor default is mu = 0.25 (see the sweep); the paper's mu = 1:
-    Row(
-        "proxy_anchor+ps mu=1",
-        "proxy_anchor",
-        True,
-        False,
-        "proxy_anchor",
-        ("--ps-mu", "1"),
-    ),
+    _ps_row("proxy_anchor", "mu=1", "proxy_anchor", ("--ps-mu", "1")),
     # synthetic classes left out of their parents' negatives (--ps-exclude-parents)
-    Row(
-        "proxy_anchor+ps mu=1 exclude-parents",
+    _ps_row(
         "proxy_anchor",
-        True,
-        False,
+        "mu=1 exclude-parents",
         "proxy_anchor",
         ("--ps-mu", "1", "--ps-exclude-parents"),
     ),
-    Row(
-        "proxy_anchor+ps exclude-parents",
-        "proxy_anchor",
-        True,
-        False,
-        "proxy_anchor",
-        ("--ps-exclude-parents",),
+    _ps_row(
+        "proxy_anchor", "exclude-parents", "proxy_anchor", ("--ps-exclude-parents",)
     ),
     # PML's ProxyNCALoss has softmax_scale 1; the official PS code uses 10-12 (README: 12)
     Row("proxy_nca scale=12", "proxy_nca", False, False, "", NCA_SCALE_12),
-    Row(
-        "proxy_nca+ps scale=12",
-        "proxy_nca",
-        True,
-        False,
-        "proxy_nca scale=12",
-        NCA_SCALE_12,
-    ),
+    _ps_row("proxy_nca", "scale=12", "proxy_nca scale=12", NCA_SCALE_12),
     # PS over ProxyAnchor with a 10x lower proxy learning rate (default mult 100), or
     # ProxyAnchor's scale alpha lowered, each against its own baseline (sweep notes:
     # "not tried")
@@ -134,11 +115,9 @@ SUPPLEMENTARY_ROWS: List[Row] = [
         "proxy_anchor", "proxy-lr-mult=10", ("--proxy-lr-mult", "10")
     ),
     *_with_and_without_ps("proxy_anchor", "alpha=16", ("--proxy-anchor-alpha", "16")),
-    Row(
-        "proxy_anchor+ps alpha=16 exclude-parents",
+    _ps_row(
         "proxy_anchor",
-        True,
-        False,
+        "alpha=16 exclude-parents",
         "proxy_anchor alpha=16",
         ("--proxy-anchor-alpha", "16", "--ps-exclude-parents"),
     ),

@@ -83,6 +83,15 @@ def official_proxy_nca(scale):
     return lambda x, p: -scale * torch.cdist(x, p) ** 2
 
 
+def synthesis_and_loss(wrapper, emb, labels, seed=1):
+    """``wrapper.synthesize`` and ``wrapper(...)`` from the same RNG state, so that the
+    loss is the inner loss on exactly that synthesis."""
+    torch.manual_seed(seed)
+    syn = wrapper.synthesize(emb, labels)
+    torch.manual_seed(seed)
+    return syn, wrapper(emb, labels)
+
+
 def rtol_for(dtype):
     return {torch.float16: 1e-2, torch.float32: 1e-5, torch.float64: 1e-10}[dtype]
 
@@ -146,10 +155,7 @@ class TestEveryLossAgainstFreshInstance(unittest.TestCase):
                         )
                         emb = emb.to(dtype)
                         labels = torch.randint(0, 4, (BATCH_SIZE,), device=TEST_DEVICE)
-                        torch.manual_seed(1)
-                        syn = wrapper.synthesize(emb, labels)
-                        torch.manual_seed(1)
-                        loss = wrapper(emb, labels)
+                        syn, loss = synthesis_and_loss(wrapper, emb, labels)
 
                         num_syn = round(mu * BATCH_SIZE)
                         self.assertEqual(syn.pairs.shape, (num_syn, 2))
@@ -229,10 +235,7 @@ class TestPositiveDivisor(unittest.TestCase):
                         )
                         emb = emb.to(dtype)
                         labels = torch.randint(0, 5, (BATCH_SIZE,), device=TEST_DEVICE)
-                        torch.manual_seed(1)
-                        syn = wrapper.synthesize(emb, labels)
-                        torch.manual_seed(1)
-                        loss = wrapper(emb, labels)
+                        syn, loss = synthesis_and_loss(wrapper, emb, labels)
                         expected = proxy_anchor_formula(
                             syn.embeddings, syn.proxies, syn.labels,
                             NUM_CLASSES, inner.margin, inner.alpha, divisor,
@@ -303,10 +306,7 @@ class TestExcludeParents(unittest.TestCase):
                             BATCH_SIZE, EMBEDDING_SIZE, device=TEST_DEVICE, dtype=dtype
                         ).requires_grad_()
                         labels = torch.randint(0, 5, (BATCH_SIZE,), device=TEST_DEVICE)
-                        torch.manual_seed(1)
-                        syn = wrapper.synthesize(emb, labels)
-                        torch.manual_seed(1)
-                        loss = wrapper(emb, labels)
+                        syn, loss = synthesis_and_loss(wrapper, emb, labels)
                         excluded = parent_pairs_by_loop(
                             syn.labels, syn.pairs, NUM_CLASSES
                         )
