@@ -92,6 +92,7 @@ def _with_and_without_ps(loss: str, tag: str, flags: tuple) -> List[Row]:
 # each changes one flag of the protocol, named in its method.
 M_PER_CLASS_2 = ("--sampler", "m_per_class", "--m-per-class", "2")
 NCA_SCALE_12 = ("--loss-kwargs", '{"softmax_scale": 12}')
+SCALE_23 = ("--loss-kwargs", '{"scale": 23}')
 SUPPLEMENTARY_ROWS: List[Row] = [
     # the example's ProxyAnchor default is mu = 0.25 (see the sweep); the paper's mu = 1:
     _ps_row("proxy_anchor", "mu=1", "proxy_anchor", ("--ps-mu", "1")),
@@ -122,6 +123,10 @@ SUPPLEMENTARY_ROWS: List[Row] = [
         ("--proxy-anchor-alpha", "16", "--ps-exclude-parents"),
     ),
     *_with_and_without_ps("proxy_anchor", "alpha=8", ("--proxy-anchor-alpha", "8")),
+    # PML's ArcFace and CosFace use scale 64; the official PS code's Norm-SoftMax uses 23
+    # (README), and PS helped the softmax losses run at about that scale here
+    *_with_and_without_ps("arcface", "scale=23", SCALE_23),
+    *_with_and_without_ps("cosface", "scale=23", SCALE_23),
     # plain shuffling leaves most anchors of a 128-batch over 324 classes without a
     # positive; these margin rows get class-balanced batches (2 per class) instead:
     Row("margin m=2", "margin", False, False, "", M_PER_CLASS_2),
