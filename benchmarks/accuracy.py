@@ -127,6 +127,12 @@ SUPPLEMENTARY_ROWS: List[Row] = [
     # (README), and PS helped the softmax losses run at about that scale here
     *_with_and_without_ps("arcface", "scale=23", SCALE_23),
     *_with_and_without_ps("cosface", "scale=23", SCALE_23),
+    # synthetic classes left out of their parents' negatives, for the other losses that
+    # support it (for the margin losses the parent pairs contradict the margin)
+    *(
+        _ps_row(loss, "exclude-parents", loss, ("--ps-exclude-parents",))
+        for loss in ("arcface", "cosface", "normalized_softmax")
+    ),
     # plain shuffling leaves most anchors of a 128-batch over 324 classes without a
     # positive; these margin rows get class-balanced batches (2 per class) instead:
     Row("margin m=2", "margin", False, False, "", M_PER_CLASS_2),

@@ -95,6 +95,10 @@ PROXY_LOSSES = {
     "large_margin_softmax": losses.LargeMarginSoftmaxLoss,
     "subcenter_arcface": losses.SubCenterArcFaceLoss,
 }
+# the losses that can leave a synthetic class out of its parents' negatives
+EXCLUDABLE_LOSSES = tuple(
+    name for name, cls in PROXY_LOSSES.items() if PROXY_SPECS[cls].excludable_pairs
+)
 # Tuple losses: PML's MarginLoss with its distance-weighted miner (Wu et al. 2017), the
 # Sharing Matters baseline. Proxy Synthesis does not apply to them.
 TUPLE_LOSSES = ("margin",)
@@ -280,8 +284,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "positive term by all proxies with a positive (official) or by "
                         "the real ones only")
     g.add_argument("--ps-exclude-parents", action="store_true",
-                   help="Proxy Synthesis over proxy_anchor or normalized_softmax: a "
-                        "synthetic class is not a negative of its two parent classes")
+                   help="Proxy Synthesis over " + ", ".join(EXCLUDABLE_LOSSES)
+                        + ": a synthetic class is not a negative of its two parent "
+                        "classes")
     g.add_argument("--shared-head", action="store_true",
                    help="add the Sharing Matters shared head, trained by a margin loss on "
                         "inter-class triplets (PML's CascadedEmbeddings trainer)")
@@ -413,11 +418,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         (args.ps and args.ps_mu == 0, "--ps-mu 0 turns Proxy Synthesis off: use --no-ps"),
         (args.ps_positive_divisor != "all" and args.loss != "proxy_anchor",
          "--ps-positive-divisor needs --loss proxy_anchor"),
-        (args.ps_exclude_parents and not (
-            args.ps and args.loss in PROXY_LOSSES
-            and PROXY_SPECS[PROXY_LOSSES[args.loss]].excludable_pairs),
-         "--ps-exclude-parents needs Proxy Synthesis over --loss proxy_anchor or "
-         "normalized_softmax"),
+        (args.ps_exclude_parents and not (args.ps and args.loss in EXCLUDABLE_LOSSES),
+         "--ps-exclude-parents needs Proxy Synthesis over --loss "
+         + ", ".join(EXCLUDABLE_LOSSES)),
         (args.ps and args.loss in TUPLE_LOSSES,
          f"--loss {args.loss} is not a proxy loss: Proxy Synthesis needs --no-ps"),
         (recall_k.isdigit() and int(recall_k) not in args.recall_ks,

@@ -82,8 +82,8 @@ PROXY_SPECS: Dict[Type[torch.nn.Module], ProxySpec] = {
     losses.LargeMarginSoftmaxLoss: replace(
         _LARGE_MARGIN, uses_proxy_norms=True, uses_embedding_norms=True
     ),
-    losses.ArcFaceLoss: _LARGE_MARGIN,
-    losses.CosFaceLoss: _LARGE_MARGIN,
+    losses.ArcFaceLoss: replace(_LARGE_MARGIN, excludable_pairs=True),
+    losses.CosFaceLoss: replace(_LARGE_MARGIN, excludable_pairs=True),
     losses.SphereFaceLoss: replace(_LARGE_MARGIN, uses_embedding_norms=True),
     losses.SubCenterArcFaceLoss: ProxySpec(
         "W",

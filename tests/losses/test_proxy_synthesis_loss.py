@@ -1,4 +1,5 @@
 import copy
+import math
 import unittest
 
 import numpy as np
@@ -292,10 +293,33 @@ def parent_pairs_by_loop(labels, pairs, num_real_classes):
     return excluded.to(labels.device)
 
 
+def margin_softmax_logits(cos, labels, loss):
+    """ArcFace (Deng et al. 2019) or CosFace (Wang et al. 2018) logits written out: the
+    target entry s*cos(theta + m), or s*(cos - m) for CosFace; s*cos elsewhere. ArcFace
+    falls back to s*(cos - m*sin m) past theta = pi - m, as PML does to stay monotonic."""
+    target = F.one_hot(labels, cos.shape[1]).bool()
+    if isinstance(loss, losses.ArcFaceLoss):
+        theta = torch.acos(cos.clamp(-1, 1))
+        shifted = torch.where(
+            theta <= math.pi - loss.margin,
+            torch.cos(theta + loss.margin),
+            cos - loss.margin * math.sin(loss.margin),
+        )
+    else:
+        shifted = cos - loss.margin
+    return loss.scale * torch.where(target, shifted, cos)
+
+
 class TestExcludeParents(unittest.TestCase):
     def test_equals_formulas_without_the_parent_pairs(self):
+        names = (
+            "ProxyAnchorLoss",
+            "NormalizedSoftmaxLoss",
+            "ArcFaceLoss",
+            "CosFaceLoss",
+        )
         for dtype in (torch.float32, torch.float64):
-            for name in ("ProxyAnchorLoss", "NormalizedSoftmaxLoss"):
+            for name in names:
                 for mu in (0.5, 1.0, 2.0):
                     with self.subTest(dtype=dtype, loss=name, mu=mu):
                         torch.manual_seed(0)
@@ -317,9 +341,11 @@ class TestExcludeParents(unittest.TestCase):
                                 inner.margin, inner.alpha, "all", excluded,
                             )  # fmt: skip
                         else:
-                            logits = (
-                                syn.embeddings @ syn.proxies.t() / inner.temperature
-                            )
+                            cos = syn.embeddings @ syn.proxies.t()
+                            if name == "NormalizedSoftmaxLoss":
+                                logits = cos / inner.temperature
+                            else:
+                                logits = margin_softmax_logits(cos, syn.labels, inner)
                             logits = logits.masked_fill(excluded, -float("inf"))
                             expected = F.cross_entropy(logits, syn.labels)
                         self.assertTrue(
@@ -342,7 +368,7 @@ class TestExcludeParents(unittest.TestCase):
         torch.manual_seed(0)
         self.assertNotAlmostEqual(excluding.item(), official(emb, labels).item())
         self.assertIs(inner.distance, distance)
-        for name in ("ProxyNCALoss", "SoftTripleLoss", "ArcFaceLoss"):
+        for name in ("ProxyNCALoss", "SoftTripleLoss", "SubCenterArcFaceLoss"):
             bad = build_losses(NUM_CLASSES)[name]
             with self.assertRaisesRegex(
                 ValueError, "exclude_parents=True needs one of"
