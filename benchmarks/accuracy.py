@@ -106,6 +106,17 @@ SUPPLEMENTARY_ROWS: List[Row] = [
     _ps_row(
         "proxy_anchor", "exclude-parents", "proxy_anchor", ("--ps-exclude-parents",)
     ),
+    # ... and, in addition, without the synthetic proxies' positive term (synthetic
+    # classes as negatives only)
+    *(
+        _ps_row(
+            "proxy_anchor",
+            f"{mu_tag}exclude-parents real-only",
+            "proxy_anchor",
+            mu_flags + ("--ps-exclude-parents", "--ps-positive-divisor", "real_only"),
+        )
+        for mu_tag, mu_flags in (("", ()), ("mu=1 ", ("--ps-mu", "1")))
+    ),
     # PML's ProxyNCALoss has softmax_scale 1; the official PS code uses 10-12 (README: 12)
     Row("proxy_nca scale=12", "proxy_nca", False, False, "", NCA_SCALE_12),
     _ps_row("proxy_nca", "scale=12", "proxy_nca scale=12", NCA_SCALE_12),

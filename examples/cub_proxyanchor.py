@@ -56,6 +56,7 @@ from torch.nn.parallel import DistributedDataParallel
 from pml_proxysynth.datasets.glyphs import Glyphs
 from pml_proxysynth.losses import ProxySynthesisLoss
 from pml_proxysynth.losses.proxy_specs import PROXY_SPECS
+from pml_proxysynth.losses.proxy_synthesis_loss import POSITIVE_DIVISORS
 from pml_proxysynth.miners import SharedCharacteristicsMiner
 from pml_proxysynth.samplers import DistributedMPerClassSampler
 from pml_proxysynth.utils import (
@@ -279,10 +280,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "row i with row i-1 (official; adjacent labels must differ)")
     g.add_argument("--ps-lam-per", choices=("batch", "pair"), default="batch",
                    help="Proxy Synthesis: one lambda per batch (paper) or per pair")
-    g.add_argument("--ps-positive-divisor", choices=("all", "real"), default="all",
+    g.add_argument("--ps-positive-divisor", choices=POSITIVE_DIVISORS, default="all",
                    help="Proxy Synthesis over proxy_anchor: divide the real proxies' "
                         "positive term by all proxies with a positive (official) or by "
-                        "the real ones only")
+                        "the real ones only; real_only also drops the synthetic "
+                        "proxies' positive term")
     g.add_argument("--ps-exclude-parents", action="store_true",
                    help="Proxy Synthesis over " + ", ".join(EXCLUDABLE_LOSSES)
                         + ": a synthetic class is not a negative of its two parent "

@@ -16,7 +16,7 @@ from .proxy_specs import PROXY_SPECS, ProxySpec, find_proxy_spec
 
 PAIRINGS = ("random", "roll")
 LAMBDA_MODES = ("batch", "pair")
-POSITIVE_DIVISORS = ("all", "real")
+POSITIVE_DIVISORS = ("all", "real", "real_only")
 
 
 class Synthesis(NamedTuple):
@@ -59,7 +59,9 @@ class ProxySynthesisLoss(BaseMetricLossFunction):
             it by the real and the M synthetic such proxies, so the synthetic ones, each
             with a single positive, dilute the real classes' pull; "real" divides the real
             proxies' share by the real classes in the batch only, as without synthesis
-            (the synthetic share keeps the official divisor).
+            (the synthetic share keeps the official divisor); "real_only" does the same
+            and drops the synthetic share: the positive term averages over the real
+            proxies only, so synthetic classes act as negatives only.
         exclude_parents: False (official): a synthetic class is a negative of its two
             parent classes like of every other class. True: it is neither positive nor
             negative for them; the pairs (synthetic row, parent proxy) and (parent
@@ -122,11 +124,12 @@ class ProxySynthesisLoss(BaseMetricLossFunction):
                 f"positive_divisor must be one of {POSITIVE_DIVISORS}, "
                 f"got {positive_divisor!r}"
             )
-        if positive_divisor == "real" and not isinstance(
+        if positive_divisor != "all" and not isinstance(
             _term_reducer(loss.reducer, self.spec.positive_term), DivisorReducer
         ):
             raise ValueError(
-                "positive_divisor='real' needs a loss that averages its positive term "
+                f"positive_divisor={positive_divisor!r} needs a loss that averages its "
+                "positive term "
                 "over the proxies with a positive, with PML's DivisorReducer "
                 f"(ProxyAnchorLoss with its default reducer); got {type(loss).__name__} "
                 f"with {type(loss.reducer).__name__}"
@@ -408,7 +411,7 @@ class ProxySynthesisLoss(BaseMetricLossFunction):
     @contextlib.contextmanager
     def _patched(self, synthesis: Synthesis) -> Iterator[None]:
         """Sets the inner loss's class-count attributes for the enlarged set's classes
-        (and, for positive_divisor="real", its reducer; for exclude_parents, its
+        (and, for positive_divisor other than "all", its reducer; for exclude_parents, its
         distance) for the duration of one call."""
         num_classes = synthesis.proxies.shape[0]
         num_real_classes = num_classes - len(synthesis.pairs)
@@ -416,9 +419,12 @@ class ProxySynthesisLoss(BaseMetricLossFunction):
             name: value_for(num_classes)
             for name, value_for in self.spec.class_count_attrs.items()
         }
-        if self.positive_divisor == "real":
+        if self.positive_divisor != "all":
             patches["reducer"] = _RealPositiveDivisor(
-                self.loss.reducer, self.spec.positive_term, num_real_classes
+                self.loss.reducer,
+                self.spec.positive_term,
+                num_real_classes,
+                keep_synthetic=self.positive_divisor == "real",
             )
         if self.exclude_parents:
             patches["distance"] = _WithoutPairs(
@@ -459,22 +465,31 @@ def _term_reducer(
 class _RealPositiveDivisor(torch.nn.Module):
     """Wraps a loss's reducer so that the real proxies' share of the positive term is
     divided by the number of real classes in the batch, as without synthesis; the
-    synthetic proxies' share keeps the official divisor (all proxies with a positive).
+    synthetic proxies' share keeps the official divisor (all proxies with a positive),
+    or with ``keep_synthetic=False`` is dropped.
 
     The term's per-proxy losses (indexed by proxy; real proxies are those below
     ``num_real_classes``) are rescaled by divisor / real classes before the reduction.
     """
 
-    def __init__(self, reducer: torch.nn.Module, term: str, num_real_classes: int):
+    def __init__(
+        self,
+        reducer: torch.nn.Module,
+        term: str,
+        num_real_classes: int,
+        keep_synthetic: bool,
+    ):
         super().__init__()
         self.reducer, self.term, self.num_real_classes = reducer, term, num_real_classes
+        self.keep_synthetic = keep_synthetic
 
     def forward(self, loss_dict, embeddings, labels):
         term = loss_dict[self.term]
         num_real = int((torch.unique(labels) < self.num_real_classes).sum())
         real_proxy = term["indices"] < self.num_real_classes
         scale = term["divisor"] / max(num_real, 1)
-        term["losses"] = torch.where(real_proxy, term["losses"] * scale, term["losses"])
+        synthetic = term["losses"] if self.keep_synthetic else 0.0
+        term["losses"] = torch.where(real_proxy, term["losses"] * scale, synthetic)
         return self.reducer(loss_dict, embeddings, labels)
 
 
