@@ -148,6 +148,24 @@ SUPPLEMENTARY_ROWS: List[Row] = [
     # positive; these margin rows get class-balanced batches (2 per class) instead:
     Row("margin m=2", "margin", False, False, "", M_PER_CLASS_2),
     Row("margin+shared m=2", "margin", False, True, "margin m=2", M_PER_CLASS_2),
+    # the shared head with one of DiVA's other settings (algorithms.md B.4, B.9): the
+    # adversarial decorrelation of the heads, a lower shared-loss weight, the
+    # label-shuffle miner
+    *(
+        Row(
+            f"margin+shared m=2 {tag}",
+            "margin",
+            False,
+            True,
+            "margin m=2",
+            M_PER_CLASS_2 + flags,
+        )
+        for tag, flags in (
+            ("rho=300", ("--decorrelation-rho", "300")),
+            ("weight=0.1", ("--shared-weight", "0.1")),
+            ("random", ("--shared-strategy", "random")),
+        )
+    ),
 ]
 
 # The ProxyAnchor sweep (--sweep): the paper's alpha/mu grid around its defaults, with the
