@@ -129,10 +129,9 @@ class ProxySynthesisLoss(BaseMetricLossFunction):
         ):
             raise ValueError(
                 f"positive_divisor={positive_divisor!r} needs a loss that averages its "
-                "positive term "
-                "over the proxies with a positive, with PML's DivisorReducer "
-                f"(ProxyAnchorLoss with its default reducer); got {type(loss).__name__} "
-                f"with {type(loss.reducer).__name__}"
+                "positive term over the proxies with a positive, with PML's "
+                "DivisorReducer (ProxyAnchorLoss with its default reducer); got "
+                f"{type(loss).__name__} with {type(loss.reducer).__name__}"
             )
         if exclude_parents and not self.spec.excludable_pairs:
             excludable = [
