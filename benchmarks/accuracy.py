@@ -93,6 +93,9 @@ def _with_and_without_ps(loss: str, tag: str, flags: tuple) -> List[Row]:
 M_PER_CLASS_2 = ("--sampler", "m_per_class", "--m-per-class", "2")
 NCA_SCALE_12 = ("--loss-kwargs", '{"softmax_scale": 12}')
 SCALE_23 = ("--loss-kwargs", '{"scale": 23}')
+EPOCHS_16 = ("--epochs", "16")
+# ProxyAnchor + PS with the synthetic classes as negatives of non-parent classes only
+NEGATIVES_ONLY = ("--ps-exclude-parents", "--ps-positive-divisor", "real_only")
 SUPPLEMENTARY_ROWS: List[Row] = [
     # the example's ProxyAnchor default is mu = 0.25 (see the sweep); the paper's mu = 1:
     _ps_row("proxy_anchor", "mu=1", "proxy_anchor", ("--ps-mu", "1")),
@@ -113,7 +116,7 @@ SUPPLEMENTARY_ROWS: List[Row] = [
             "proxy_anchor",
             f"{mu_tag}exclude-parents real-only",
             "proxy_anchor",
-            mu_flags + ("--ps-exclude-parents", "--ps-positive-divisor", "real_only"),
+            mu_flags + NEGATIVES_ONLY,
         )
         for mu_tag, mu_flags in (("", ()), ("mu=1 ", ("--ps-mu", "1")))
     ),
@@ -134,6 +137,22 @@ SUPPLEMENTARY_ROWS: List[Row] = [
         ("--proxy-anchor-alpha", "16", "--ps-exclude-parents"),
     ),
     *_with_and_without_ps("proxy_anchor", "alpha=8", ("--proxy-anchor-alpha", "8")),
+    # the setting that made PS level with ProxyAnchor (parents excluded, synthetic
+    # classes as negatives only) at alpha 16, and with twice the epochs (PS is a
+    # regulariser; benchmark-notes.md saw its effect grow with training length)
+    _ps_row(
+        "proxy_anchor",
+        "alpha=16 exclude-parents real-only",
+        "proxy_anchor alpha=16",
+        ("--proxy-anchor-alpha", "16") + NEGATIVES_ONLY,
+    ),
+    Row("proxy_anchor epochs=16", "proxy_anchor", False, False, "", EPOCHS_16),
+    _ps_row(
+        "proxy_anchor",
+        "epochs=16 exclude-parents real-only",
+        "proxy_anchor epochs=16",
+        EPOCHS_16 + NEGATIVES_ONLY,
+    ),
     # PML's ArcFace and CosFace use scale 64; the official PS code's Norm-SoftMax uses 23
     # (README), and PS helped the softmax losses run at about that scale here
     *_with_and_without_ps("arcface", "scale=23", SCALE_23),
