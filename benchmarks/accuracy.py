@@ -111,14 +111,14 @@ SUPPLEMENTARY_ROWS: List[Row] = [
     ),
     # ... and, in addition, without the synthetic proxies' positive term (synthetic
     # classes as negatives only)
-    *(
-        _ps_row(
-            "proxy_anchor",
-            f"{mu_tag}exclude-parents real-only",
-            "proxy_anchor",
-            mu_flags + NEGATIVES_ONLY,
-        )
-        for mu_tag, mu_flags in (("", ()), ("mu=1 ", ("--ps-mu", "1")))
+    _ps_row(
+        "proxy_anchor", "exclude-parents real-only", "proxy_anchor", NEGATIVES_ONLY
+    ),
+    _ps_row(
+        "proxy_anchor",
+        "mu=1 exclude-parents real-only",
+        "proxy_anchor",
+        ("--ps-mu", "1") + NEGATIVES_ONLY,
     ),
     # PML's ProxyNCALoss has softmax_scale 1; the official PS code uses 10-12 (README: 12)
     Row("proxy_nca scale=12", "proxy_nca", False, False, "", NCA_SCALE_12),
