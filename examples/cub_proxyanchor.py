@@ -83,6 +83,13 @@ logger = logging.getLogger("cub_proxyanchor")
 CUB_DIR = "CUB_200_2011"
 CUB_URL = datasets.CUB.DOWNLOAD_URL
 TEST_SPLIT = "test"
+# With --shared-head, weightings (class, shared) of the two heads scored besides the
+# tester's plain concatenation: the class head alone, and DiVA's other two weightings
+HEAD_WEIGHTINGS = {
+    "class": (1.0, 0.0),
+    "class_1_shared_0.5": (1.0, 0.5),
+    "class_0.5_shared_1": (0.5, 1.0),
+}
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 PROXY_LOSSES = {
@@ -1454,7 +1461,7 @@ def _run(args: argparse.Namespace, rank: int) -> Dict[str, Any]:
         "last": last,
     }
     if args.shared_head:
-        # "last" is the tester's score of the concatenation; add the class head alone
+        # "last" is the tester's score of the concatenation; add the other weightings
         with _quiet_pml():
             heads = evaluate_heads(
                 tester,
@@ -1462,13 +1469,19 @@ def _run(args: argparse.Namespace, rank: int) -> Dict[str, Any]:
                 trainer.epoch,
                 trainer.models["trunk"],
                 trainer.models["embedder"],
-                weightings={"class": (1.0, 0.0)},
+                weightings=HEAD_WEIGHTINGS,
             )
-        results["heads"] = {"class": _strip_levels(heads["class"][TEST_SPLIT])}
-        logger.info(
-            "class head alone, last epoch: %s",
-            format_metrics(results["heads"]["class"]),
-        )
+        results["heads"] = {
+            name: _strip_levels(accuracies[TEST_SPLIT])
+            for name, accuracies in heads.items()
+        }
+        for name, accuracies in results["heads"].items():
+            logger.info(
+                "heads weighted %s %s, last epoch: %s",
+                name,
+                HEAD_WEIGHTINGS[name],
+                format_metrics(accuracies),
+            )
     if args.plots:
         make_figures(
             args, hooks, tester, trainer, loss_setup, train_dataset, test_dataset

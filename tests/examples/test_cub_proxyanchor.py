@@ -339,13 +339,16 @@ def test_glyphs_shared_head_end_to_end(ex, tmp_path):
     assert (out / "synthetic_batch.png").is_file()
     results = json.loads((out / "results.json").read_text())
     assert results["dataset"] == "glyphs" and results["epochs"] == 1
-    # the class head alone is reported beside "last" (the concatenation), with the same
-    # metrics; that evaluate_heads' weightings match direct tester runs is tested in
-    # tests/utils/test_head_weighting.py
-    assert set(results["heads"]) == {"class"}
-    class_part = results["heads"]["class"]
-    assert set(class_part) == set(results["last"]) - {"epoch"}
-    assert all(0 <= value <= 1 for value in class_part.values())
+    # the class head alone and DiVA's (1, 0.5) and (0.5, 1) are reported beside "last"
+    # (the concatenation), with the same metrics; that evaluate_heads' weightings match
+    # direct tester runs is tested in tests/utils/test_head_weighting.py
+    weighted = {"class", "class_1_shared_0.5", "class_0.5_shared_1"}
+    assert set(results["heads"]) == weighted
+    for accuracies in results["heads"].values():
+        assert set(accuracies) == set(results["last"]) - {"epoch"}
+        assert all(0 <= value <= 1 for value in accuracies.values())
+    # the weightings score different embeddings (on 60 test images, 1 epoch)
+    assert len({json.dumps(a, sort_keys=True) for a in results["heads"].values()}) > 1
 
 
 def test_baseline_without_ps_has_no_synthetic_figure(ex, cub_root, tmp_path):
