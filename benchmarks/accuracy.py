@@ -287,13 +287,16 @@ def run_one(row: Row, dataset: str, seed: int, extra: Sequence[str]) -> dict:
     return record
 
 
-def append_record(path: Path, record: dict) -> None:
+def append_records(
+    path: Path, records: Sequence[dict], columns: Sequence[str] = COLUMNS
+) -> None:
+    """Appends rows to a results CSV (its header first when the file is new)."""
     new_file = not path.exists()
     with path.open("a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer = csv.DictWriter(f, fieldnames=columns)
         if new_file:
             writer.writeheader()
-        writer.writerow(record)
+        writer.writerows(records)
 
 
 def mean_std(values: List[float]) -> str:
@@ -436,7 +439,7 @@ def main(argv: Sequence[str] = None) -> int:
         futures = [pool.submit(run_one, r, args.dataset, s, extra) for r, s in todo]
         for i, future in enumerate(concurrent.futures.as_completed(futures), 1):
             record = future.result()
-            append_record(csv_path, record)
+            append_records(csv_path, [record])
             done[(record["method"], int(record["seed"]))] = record
             print(
                 f"[{i}/{len(todo)}] {record['method']} seed {record['seed']}: MAP@R "

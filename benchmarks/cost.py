@@ -62,6 +62,7 @@ import numpy as np
 import pytorch_metric_learning
 import torch
 import torch.nn.functional as F
+from accuracy import load_example  # benchmarks/accuracy.py, beside this script
 from pytorch_metric_learning import losses
 from pytorch_metric_learning.miners import DistanceWeightedMiner, TripletMarginMiner
 
@@ -496,14 +497,6 @@ TRAIN_CONFIGS = {  # name -> the example's flags after --dataset glyphs
     "PS": [],
     "PS + shared head": ["--shared-head"],
 }
-
-
-def load_example():
-    """The example module (examples/cub_proxyanchor.py), for its building blocks."""
-    sys.path.insert(0, str(ROOT / "examples"))
-    import cub_proxyanchor
-
-    return cub_proxyanchor
 
 
 def training_step(

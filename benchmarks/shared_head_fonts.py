@@ -172,12 +172,7 @@ def main(argv: Sequence[str] = None) -> int:
         futures = [pool.submit(run_one, m, s, extra) for m, s in todo]
         for future in concurrent.futures.as_completed(futures):
             new = future.result()
-            new_file = not path.exists()
-            with path.open("a", newline="") as f:
-                writer = csv.DictWriter(f, fieldnames=COLUMNS)
-                if new_file:
-                    writer.writeheader()
-                writer.writerows(new)
+            accuracy.append_records(path, new, COLUMNS)
             records += new
             for r in new:
                 print(" ".join(f"{c}={r[c]}" for c in COLUMNS), flush=True)
