@@ -171,7 +171,7 @@ SUPPLEMENTARY_ROWS: List[Row] = [
     # support it (for the margin losses the parent pairs contradict the margin)
     *(
         _ps_row(loss, "exclude-parents", loss, ("--ps-exclude-parents",))
-        for loss in ("arcface", "cosface", "normalized_softmax")
+        for loss in ("arcface", "cosface", "normalized_softmax", "proxy_nca")
     ),
     # plain shuffling leaves most anchors of a 128-batch over 324 classes without a
     # positive; these margin rows get class-balanced batches (2 per class) instead:

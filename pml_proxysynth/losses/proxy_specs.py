@@ -66,7 +66,10 @@ PROXY_SPECS: Dict[Type[torch.nn.Module], ProxySpec] = {
         excludable_pairs=True,
     ),
     losses.ProxyNCALoss: ProxySpec(
-        "proxies", classes_on_rows=True, class_count_attrs={"proxy_labels": _arange}
+        "proxies",
+        classes_on_rows=True,
+        class_count_attrs={"proxy_labels": _arange},
+        excludable_pairs=True,
     ),
     losses.NormalizedSoftmaxLoss: ProxySpec(
         "W", classes_on_rows=False, excludable_pairs=True

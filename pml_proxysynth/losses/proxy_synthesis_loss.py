@@ -67,7 +67,8 @@ class ProxySynthesisLoss(BaseMetricLossFunction):
             negative for them; the pairs (synthetic row, parent proxy) and (parent
             class's row, synthetic proxy) are left out of the inner loss's similarity
             matrix. For losses marked ``excludable_pairs`` in ``PROXY_SPECS``
-            (ProxyAnchorLoss, NormalizedSoftmaxLoss, ArcFaceLoss, CosFaceLoss).
+            (ProxyAnchorLoss, ProxyNCALoss, NormalizedSoftmaxLoss, ArcFaceLoss,
+            CosFaceLoss).
         generator: optional ``torch.Generator`` for the pairs and lam; otherwise torch's
             global RNG, so ``torch.manual_seed`` makes runs reproducible. Under
             torch.distributed only rank 0's draw from it matters (see below).

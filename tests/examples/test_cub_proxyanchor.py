@@ -533,7 +533,10 @@ def test_output_dir_protection(ex, cub_root, tmp_path, capsys):
             ["--loss", "arcface", "--ps-positive-divisor", "real"],
             "needs --loss proxy_anchor",
         ),  # fmt: skip
-        (["--loss", "proxy_nca", "--ps-exclude-parents"], "--ps-exclude-parents needs"),
+        (
+            ["--loss", "soft_triple", "--ps-exclude-parents"],
+            "--ps-exclude-parents needs",
+        ),
         (["--no-ps", "--ps-exclude-parents"], "--ps-exclude-parents needs"),
     ],
 )

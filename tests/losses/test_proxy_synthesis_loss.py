@@ -342,6 +342,7 @@ class TestExcludeParents(unittest.TestCase):
     def test_equals_formulas_without_the_parent_pairs(self):
         names = (
             "ProxyAnchorLoss",
+            "ProxyNCALoss",
             "NormalizedSoftmaxLoss",
             "ArcFaceLoss",
             "CosFaceLoss",
@@ -370,7 +371,10 @@ class TestExcludeParents(unittest.TestCase):
                             )  # fmt: skip
                         else:
                             cos = syn.embeddings @ syn.proxies.t()
-                            if name == "NormalizedSoftmaxLoss":
+                            if name == "ProxyNCALoss":
+                                # NCA on squared distances of unit rows: 2 - 2 cos
+                                logits = -inner.softmax_scale * (2 - 2 * cos)
+                            elif name == "NormalizedSoftmaxLoss":
                                 logits = cos / inner.temperature
                             else:
                                 logits = margin_softmax_logits(cos, syn.labels, inner)
@@ -396,7 +400,11 @@ class TestExcludeParents(unittest.TestCase):
         torch.manual_seed(0)
         self.assertNotAlmostEqual(excluding.item(), official(emb, labels).item())
         self.assertIs(inner.distance, distance)
-        for name in ("ProxyNCALoss", "SoftTripleLoss", "SubCenterArcFaceLoss"):
+        for name in (
+            "LargeMarginSoftmaxLoss",
+            "SoftTripleLoss",
+            "SubCenterArcFaceLoss",
+        ):
             bad = build_losses(NUM_CLASSES)[name]
             with self.assertRaisesRegex(
                 ValueError, "exclude_parents=True needs one of"
