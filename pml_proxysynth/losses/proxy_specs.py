@@ -38,10 +38,10 @@ class ProxySpec:
         the embeddings and the proxies and takes a least-similar entry (-inf similarity,
         +inf distance) as an absent pair, with finite gradients; needed for
         ``exclude_parents`` (checked by hand for the losses marked).
-    uses_proxy_norms, uses_embedding_norms: True if the loss uses the norms of the
-        proxies (of the embeddings), not only their directions through a normalising
-        distance; the wrapper then passes them normalised (otherwise it leaves their
-        normalisation to the loss).
+    normalizes_own_proxies: True if the loss L2-normalises its proxies itself on every
+        call, whatever its distance's settings; the wrapper then passes the real proxies
+        as they are and the synthetic ones unnormalised, saving a normalisation of all
+        C proxies (forward and backward).
     """
 
     param: str
@@ -50,8 +50,7 @@ class ProxySpec:
     class_count_attrs: Dict[str, ClassCountPatch] = field(default_factory=dict)
     positive_term: Optional[str] = None
     excludable_pairs: bool = False
-    uses_proxy_norms: bool = False
-    uses_embedding_norms: bool = False
+    normalizes_own_proxies: bool = False
 
 
 _NUM_CLASSES = {"num_classes": _count}
@@ -71,8 +70,9 @@ PROXY_SPECS: Dict[Type[torch.nn.Module], ProxySpec] = {
         class_count_attrs={"proxy_labels": _arange},
         excludable_pairs=True,
     ),
+    # get_logits normalises W with distance.normalize, which ignores normalize_embeddings
     losses.NormalizedSoftmaxLoss: ProxySpec(
-        "W", classes_on_rows=False, excludable_pairs=True
+        "W", classes_on_rows=False, excludable_pairs=True, normalizes_own_proxies=True
     ),
     losses.SoftTripleLoss: ProxySpec(
         "fc",
@@ -80,14 +80,10 @@ PROXY_SPECS: Dict[Type[torch.nn.Module], ProxySpec] = {
         centers_attr="centers_per_class",
         class_count_attrs=_NUM_CLASSES,
     ),
-    # scale_logits multiplies by the norms of W and of the embeddings; SphereFace's by
-    # those of the embeddings; ArcFace's and CosFace's by neither
-    losses.LargeMarginSoftmaxLoss: replace(
-        _LARGE_MARGIN, uses_proxy_norms=True, uses_embedding_norms=True
-    ),
+    losses.LargeMarginSoftmaxLoss: _LARGE_MARGIN,
     losses.ArcFaceLoss: replace(_LARGE_MARGIN, excludable_pairs=True),
     losses.CosFaceLoss: replace(_LARGE_MARGIN, excludable_pairs=True),
-    losses.SphereFaceLoss: replace(_LARGE_MARGIN, uses_embedding_norms=True),
+    losses.SphereFaceLoss: _LARGE_MARGIN,
     losses.SubCenterArcFaceLoss: ProxySpec(
         "W",
         classes_on_rows=False,

@@ -177,10 +177,16 @@ class ProxySynthesisLoss(BaseMetricLossFunction):
         return self.loss.get_logits(embeddings)
 
     def loss_on(self, synthesis: Synthesis) -> torch.Tensor:
-        """The unchanged inner loss on an enlarged set, with its proxies swapped in."""
+        """The unchanged inner loss on an enlarged set, with its proxies swapped in.
+
+        The set must be L2-normalised, as ``synthesize`` returns it: an inner distance that
+        L2-normalises its inputs is told not to for this call (it would only repeat the
+        normalisation, forward and backward). (Its proxies may also be unnormalised for a
+        loss that normalises them itself, ``ProxySpec.normalizes_own_proxies``.)"""
         proxies = synthesis.proxies.reshape(-1, synthesis.proxies.shape[-1])
         param = proxies if self.spec.classes_on_rows else proxies.t()
-        with self._patched(synthesis):
+        # the distance first, so that exclude_parents wraps the patched one
+        with _prenormalized(self.loss), self._patched(synthesis):
             return functional_call(
                 self.loss,
                 {self.spec.param: param},
@@ -209,7 +215,7 @@ class ProxySynthesisLoss(BaseMetricLossFunction):
                 embeddings,
                 labels,
                 shared,
-                *self._left_to_inner_loss(),
+                normalize_proxies=not self.spec.normalizes_own_proxies,
             )
             self._record(synthesis)
             loss = self.loss_on(synthesis)
@@ -228,31 +234,28 @@ class ProxySynthesisLoss(BaseMetricLossFunction):
         labels: torch.Tensor,
         shared: Optional[torch.Generator] = None,
         normalize_proxies: bool = True,
-        normalize_embeddings: bool = True,
     ) -> Synthesis:
-        """The enlarged set. Real rows are normalised once and not again after the
-        concatenation: the result equals the official re-normalisation of the whole
-        set, at O(M) instead of O(C). With ``normalize_proxies=False`` the real proxies
-        are passed as they are and the synthetic ones as unnormalised mixes of normalised
-        parents (likewise the synthetic embeddings with ``normalize_embeddings=False``),
-        for an inner loss whose distance normalises them itself: this saves a
-        normalisation of all C proxies (the largest overhead at large C) and of the M
-        synthetic rows, forward and backward. (Real embeddings are always normalised, as
-        parents of the mixes.)"""
+        """The enlarged set. Real rows and proxies are normalised once, before the mixing,
+        and not again after the concatenation: the result equals the official
+        re-normalisation of the whole set, at O(M) instead of O(B+C) more work. With
+        ``normalize_proxies=False`` the real proxies are returned as they are and the
+        synthetic ones as unnormalised mixes of normalised parents, for an inner loss
+        that normalises its proxies itself."""
         raw_proxies = self._class_proxies(embeddings)
         num_classes = raw_proxies.shape[0]
         x = F.normalize(embeddings, dim=1)
         pairs, lam = self._draw_pairs_and_lam(labels, embeddings, shared)
+        x_syn = F.normalize(_mix(x[pairs[:, 0]], x[pairs[:, 1]], lam), dim=-1)
         parents = labels[pairs]
-        p_pairs = F.normalize(raw_proxies[parents], dim=-1)
-        x_syn = _mix(x[pairs[:, 0]], x[pairs[:, 1]], lam)
-        p_syn = _mix(p_pairs[:, 0], p_pairs[:, 1], lam)
-        proxies = raw_proxies
         if normalize_proxies:
             proxies = F.normalize(raw_proxies, dim=-1)
+            p_pairs = proxies[parents]
+        else:
+            proxies = raw_proxies
+            p_pairs = F.normalize(raw_proxies[parents], dim=-1)
+        p_syn = _mix(p_pairs[:, 0], p_pairs[:, 1], lam)
+        if normalize_proxies:
             p_syn = F.normalize(p_syn, dim=-1)
-        if normalize_embeddings:
-            x_syn = F.normalize(x_syn, dim=-1)
         syn_labels = torch.arange(num_classes, num_classes + len(pairs))
         all_proxies = torch.cat([proxies, p_syn])
         if self._centers_per_class() == 1:
@@ -263,18 +266,6 @@ class ProxySynthesisLoss(BaseMetricLossFunction):
             proxies=all_proxies,
             lam=lam,
             pairs=pairs,
-        )
-
-    def _left_to_inner_loss(self) -> Tuple[bool, bool]:
-        """(normalize_proxies, normalize_embeddings) for ``_synthesize`` in the loss
-        path: False where the inner loss sees that side only through a distance that
-        L2-normalises it (every supported loss by default, except for the norms that
-        LargeMargin and SphereFace use; see ``ProxySpec``)."""
-        distance = getattr(self.loss, "distance", None)
-        normalizes = bool(getattr(distance, "normalize_embeddings", False))
-        return (
-            not normalizes or self.spec.uses_proxy_norms,
-            not normalizes or self.spec.uses_embedding_norms,
         )
 
     def _centers_per_class(self) -> int:
@@ -534,6 +525,25 @@ def _parent_pairs(
     excluded[:num_real_rows, num_real_classes:] = is_parent[labels[:num_real_rows]]
     excluded[num_real_rows:, :num_real_classes] = is_parent.t()
     return excluded
+
+
+@contextlib.contextmanager
+def _prenormalized(loss: torch.nn.Module) -> Iterator[None]:
+    """Turns off, for one call, the L2 normalisation by ``loss``'s distance of inputs that
+    are L2-normalised already (a distance normalising with another p-norm is left on)."""
+    distance = getattr(loss, "distance", None)
+    if not (
+        isinstance(distance, BaseDistance)
+        and distance.normalize_embeddings
+        and distance.p == 2
+    ):
+        yield
+        return
+    distance.normalize_embeddings = False
+    try:
+        yield
+    finally:
+        distance.normalize_embeddings = True
 
 
 def _mix(a: torch.Tensor, b: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:

@@ -647,20 +647,26 @@ def is_container(value):
 
 
 def inner_state(loss):
-    """Everything a call could change on a PML loss, stats aside."""
+    """Everything a call could change on a PML loss and its submodules (distance,
+    reducer, ...), stats aside."""
     params = {n: (id(p), tuple(p.shape), p.dtype) for n, p in loss.named_parameters()}
     attrs = {
-        k: (v.clone() if torch.is_tensor(v) else copy.copy(v) if is_container(v) else v)
-        for k, v in vars(loss).items()
-        if not k.startswith("_") and k not in getattr(loss, "_record_these_stats", [])
+        f"{name}.{k}": (
+            v.clone() if torch.is_tensor(v) else copy.copy(v) if is_container(v) else v
+        )
+        for name, module in loss.named_modules()
+        for k, v in vars(module).items()
+        if not k.startswith("_") and k not in getattr(module, "_record_these_stats", [])
     }
     return params, attrs
 
 
 def assert_same_state(test: unittest.TestCase, before, after):
-    """Two ``inner_state`` results are equal."""
+    """Two ``inner_state`` results are equal. Attributes that only appear during the
+    call are not compared: PML writes per-call outputs (a reducer's ``divisor``) on the
+    bare loss as well."""
     test.assertEqual(before[0], after[0])
-    test.assertEqual(before[1].keys(), after[1].keys())
+    test.assertLessEqual(before[1].keys(), after[1].keys())
     for k, v in before[1].items():
         w = after[1][k]
         if torch.is_tensor(v):
@@ -687,7 +693,9 @@ class TestInnerLossUnchanged(unittest.TestCase):
     def test_after_a_call_that_raised(self):
         class FailingProxyAnchor(losses.ProxyAnchorLoss):
             def compute_loss(self, *args, **kwargs):
-                assert self.num_classes > NUM_CLASSES  # patched for the call
+                # patched for the call
+                assert self.num_classes > NUM_CLASSES
+                assert not self.distance.normalize_embeddings
                 raise RuntimeError("boom")
 
         inner = FailingProxyAnchor(NUM_CLASSES, EMBEDDING_SIZE)
