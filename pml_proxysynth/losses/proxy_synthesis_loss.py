@@ -185,8 +185,7 @@ class ProxySynthesisLoss(BaseMetricLossFunction):
         loss that normalises them itself, ``ProxySpec.normalizes_own_proxies``.)"""
         proxies = synthesis.proxies.reshape(-1, synthesis.proxies.shape[-1])
         param = proxies if self.spec.classes_on_rows else proxies.t()
-        # the distance first, so that exclude_parents wraps the patched one
-        with _prenormalized(self.loss), self._patched(synthesis):
+        with self._patched(synthesis):
             return functional_call(
                 self.loss,
                 {self.spec.param: param},
@@ -401,35 +400,44 @@ class ProxySynthesisLoss(BaseMetricLossFunction):
 
     @contextlib.contextmanager
     def _patched(self, synthesis: Synthesis) -> Iterator[None]:
-        """Sets the inner loss's class-count attributes for the enlarged set's classes
-        (and, for positive_divisor other than "all", its reducer; for exclude_parents, its
-        distance) for the duration of one call."""
+        """Changes the inner loss for the duration of one call: its class-count
+        attributes for the enlarged set's classes; its distance's L2 normalisation off
+        (the set is normalised already); for positive_divisor other than "all", its
+        reducer; for exclude_parents, its distance. Restored afterwards, also on error."""
         num_classes = synthesis.proxies.shape[0]
         num_real_classes = num_classes - len(synthesis.pairs)
-        patches = {
-            name: value_for(num_classes)
+        patches = [
+            (self.loss, name, value_for(num_classes))
             for name, value_for in self.spec.class_count_attrs.items()
-        }
+        ]
+        distance = getattr(self.loss, "distance", None)
+        if (
+            isinstance(distance, BaseDistance)
+            and distance.normalize_embeddings
+            and distance.p == 2  # one that normalises with another p-norm stays on
+        ):
+            patches.append((distance, "normalize_embeddings", False))
         if self.positive_divisor != "all":
-            patches["reducer"] = _RealPositiveDivisor(
+            reducer = _RealPositiveDivisor(
                 self.loss.reducer,
                 self.spec.positive_term,
                 num_real_classes,
                 keep_synthetic=self.positive_divisor == "real",
             )
+            patches.append((self.loss, "reducer", reducer))
         if self.exclude_parents:
-            patches["distance"] = _WithoutPairs(
-                self.loss.distance,
-                _parent_pairs(synthesis.labels, synthesis.pairs, num_real_classes),
+            excluded = _parent_pairs(
+                synthesis.labels, synthesis.pairs, num_real_classes
             )
-        saved = {name: getattr(self.loss, name) for name in patches}
+            patches.append((self.loss, "distance", _WithoutPairs(distance, excluded)))
+        saved = [(target, name, getattr(target, name)) for target, name, _ in patches]
         try:
-            for name, value in patches.items():
-                setattr(self.loss, name, value)
+            for target, name, value in patches:
+                setattr(target, name, value)
             yield
         finally:
-            for name, value in saved.items():
-                setattr(self.loss, name, value)
+            for target, name, value in reversed(saved):
+                setattr(target, name, value)
 
     def _record(self, synthesis: Optional[Synthesis]) -> None:
         if not self.collect_stats:
@@ -525,25 +533,6 @@ def _parent_pairs(
     excluded[:num_real_rows, num_real_classes:] = is_parent[labels[:num_real_rows]]
     excluded[num_real_rows:, :num_real_classes] = is_parent.t()
     return excluded
-
-
-@contextlib.contextmanager
-def _prenormalized(loss: torch.nn.Module) -> Iterator[None]:
-    """Turns off, for one call, the L2 normalisation by ``loss``'s distance of inputs that
-    are L2-normalised already (a distance normalising with another p-norm is left on)."""
-    distance = getattr(loss, "distance", None)
-    if not (
-        isinstance(distance, BaseDistance)
-        and distance.normalize_embeddings
-        and distance.p == 2
-    ):
-        yield
-        return
-    distance.normalize_embeddings = False
-    try:
-        yield
-    finally:
-        distance.normalize_embeddings = True
 
 
 def _mix(a: torch.Tensor, b: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
