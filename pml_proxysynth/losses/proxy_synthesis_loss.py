@@ -242,19 +242,22 @@ class ProxySynthesisLoss(BaseMetricLossFunction):
         that normalises its proxies itself."""
         raw_proxies = self._class_proxies(embeddings)
         num_classes = raw_proxies.shape[0]
-        x = F.normalize(embeddings, dim=1)
+        x = _l2_normalize(embeddings)
         pairs, lam = self._draw_pairs_and_lam(labels, embeddings, shared)
-        x_syn = F.normalize(_mix(x[pairs[:, 0]], x[pairs[:, 1]], lam), dim=-1)
+        x_pairs = _rows(x, pairs)
+        x_syn = _l2_normalize(_mix(*x_pairs.unbind(1), lam))
         parents = labels[pairs]
-        if normalize_proxies:
-            proxies = F.normalize(raw_proxies, dim=-1)
-            p_pairs = proxies[parents]
+        # normalise the C proxies, or only the 2M parents' ones if fewer (possible when
+        # the inner loss normalises its proxies itself: they are returned unnormalised)
+        if normalize_proxies or num_classes <= parents.numel():
+            normalized = _l2_normalize(raw_proxies)
+            p_pairs = _rows(normalized, parents)
         else:
-            proxies = raw_proxies
-            p_pairs = F.normalize(raw_proxies[parents], dim=-1)
-        p_syn = _mix(p_pairs[:, 0], p_pairs[:, 1], lam)
+            p_pairs = _l2_normalize(_rows(raw_proxies, parents))
+        proxies = normalized if normalize_proxies else raw_proxies
+        p_syn = _mix(*p_pairs.unbind(1), lam)
         if normalize_proxies:
-            p_syn = F.normalize(p_syn, dim=-1)
+            p_syn = _l2_normalize(p_syn)
         syn_labels = torch.arange(num_classes, num_classes + len(pairs))
         all_proxies = torch.cat([proxies, p_syn])
         if self._centers_per_class() == 1:
@@ -533,6 +536,22 @@ def _parent_pairs(
     excluded[:num_real_rows, num_real_classes:] = is_parent[labels[:num_real_rows]]
     excluded[num_real_rows:, :num_real_classes] = is_parent.t()
     return excluded
+
+
+def _l2_normalize(x: torch.Tensor) -> torch.Tensor:
+    """``F.normalize(x, dim=-1)`` as x * (1 / max(||x||, 1e-12)): the same values, and
+    about 2x faster forward + backward on CPU, since autograd then scales by a [..., 1]
+    factor instead of differentiating a division by an expanded denominator."""
+    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+    return x * norm.clamp_min(1e-12).reciprocal()
+
+
+def _rows(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``table[index]`` (rows of ``table`` along dim 0) through ``F.embedding``, whose
+    backward accumulates the gradient much faster on CPU than advanced indexing's
+    (``index_put_`` with accumulate): 2-3x for the pairs' gathers with 2 threads."""
+    flat = F.embedding(index, table.reshape(table.shape[0], -1))
+    return flat.reshape(index.shape + table.shape[1:])
 
 
 def _mix(a: torch.Tensor, b: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
