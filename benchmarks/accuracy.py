@@ -173,6 +173,22 @@ SUPPLEMENTARY_ROWS: List[Row] = [
         _ps_row(loss, "exclude-parents", loss, ("--ps-exclude-parents",))
         for loss in ("arcface", "cosface", "normalized_softmax", "proxy_nca")
     ),
+    # ... at the lower scale as well (both changes helped the softmax losses here)
+    _ps_row(
+        "cosface",
+        "scale=23 exclude-parents",
+        "cosface scale=23",
+        SCALE_23 + ("--ps-exclude-parents",),
+    ),
+    # ProxyAnchor with synthetic classes as negatives only, mixed with lam ~ Beta(2, 2)
+    # (mostly near 0.5) instead of Beta(0.4, 0.4) (mostly near 0 or 1): synthetic rows
+    # then fill the gaps between their parents rather than sit next to one of them
+    _ps_row(
+        "proxy_anchor",
+        "exclude-parents real-only ps-alpha=2",
+        "proxy_anchor",
+        NEGATIVES_ONLY + ("--ps-alpha", "2"),
+    ),
     # plain shuffling leaves most anchors of a 128-batch over 324 classes without a
     # positive; these margin rows get class-balanced batches (2 per class) instead:
     Row("margin m=2", "margin", False, False, "", M_PER_CLASS_2),

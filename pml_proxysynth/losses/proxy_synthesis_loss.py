@@ -252,9 +252,10 @@ class ProxySynthesisLoss(BaseMetricLossFunction):
         if normalize_proxies or num_classes <= parents.numel():
             normalized = _l2_normalize(raw_proxies)
             p_pairs = _rows(normalized, parents)
+            proxies = normalized if normalize_proxies else raw_proxies
         else:
             p_pairs = _l2_normalize(_rows(raw_proxies, parents))
-        proxies = normalized if normalize_proxies else raw_proxies
+            proxies = raw_proxies
         p_syn = _mix(*p_pairs.unbind(1), lam)
         if normalize_proxies:
             p_syn = _l2_normalize(p_syn)
@@ -539,8 +540,8 @@ def _parent_pairs(
 
 
 def _l2_normalize(x: torch.Tensor) -> torch.Tensor:
-    """``F.normalize(x, dim=-1)`` as x * (1 / max(||x||, 1e-12)): the same values, and
-    about 2x faster forward + backward on CPU, since autograd then scales by a [..., 1]
+    """``F.normalize(x, dim=-1)`` as x * (1 / max(||x||, 1e-12)): the same values up to
+    rounding, and about 2x faster forward + backward on CPU, since autograd then scales by a [..., 1]
     factor instead of differentiating a division by an expanded denominator."""
     norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
     return x * norm.clamp_min(1e-12).reciprocal()
