@@ -176,16 +176,26 @@ class ProxySynthesisLoss(BaseMetricLossFunction):
         """The inner loss's logits over the real classes only."""
         return self.loss.get_logits(embeddings)
 
-    def loss_on(self, synthesis: Synthesis) -> torch.Tensor:
+    def loss_on(
+        self, synthesis: Synthesis, embeddings: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
         """The unchanged inner loss on an enlarged set, with its proxies swapped in.
 
         The set must be L2-normalised, as ``synthesize`` returns it: an inner distance that
         L2-normalises its inputs is told not to for this call (it would only repeat the
         normalisation, forward and backward). (Its proxies may also be unnormalised for a
-        loss that normalises them itself, ``ProxySpec.normalizes_own_proxies``.)"""
+        loss that normalises them itself, ``ProxySpec.normalizes_own_proxies``.)
+
+        The inner loss's regularizers see what they would see without synthesis: a
+        ``weight_regularizer`` the inner loss's own proxies, an ``embedding_regularizer``
+        ``embeddings``, the batch as given to ``forward`` (default: the set's real rows),
+        not the normalised enlarged set (on unit rows a norm penalty such as PML's
+        ``LpRegularizer`` would be a constant, silently doing nothing)."""
+        if embeddings is None:
+            embeddings = synthesis.embeddings[: -len(synthesis.pairs) or None]
         proxies = synthesis.proxies.reshape(-1, synthesis.proxies.shape[-1])
         param = proxies if self.spec.classes_on_rows else proxies.t()
-        with self._patched(synthesis):
+        with self._patched(synthesis, embeddings):
             return functional_call(
                 self.loss,
                 {self.spec.param: param},
@@ -217,7 +227,7 @@ class ProxySynthesisLoss(BaseMetricLossFunction):
                 normalize_proxies=not self.spec.normalizes_own_proxies,
             )
             self._record(synthesis)
-            loss = self.loss_on(synthesis)
+            loss = self.loss_on(synthesis, embeddings)
         return {
             "loss": {
                 "losses": loss,
@@ -403,17 +413,28 @@ class ProxySynthesisLoss(BaseMetricLossFunction):
         return lam.to(device=like.device, dtype=like.dtype)
 
     @contextlib.contextmanager
-    def _patched(self, synthesis: Synthesis) -> Iterator[None]:
+    def _patched(
+        self, synthesis: Synthesis, embeddings: torch.Tensor
+    ) -> Iterator[None]:
         """Changes the inner loss for the duration of one call: its class-count
-        attributes for the enlarged set's classes; its distance's L2 normalisation off
-        (the set is normalised already); for positive_divisor other than "all", its
-        reducer; for exclude_parents, its distance. Restored afterwards, also on error."""
+        attributes for the enlarged set's classes; its regularizers onto the real
+        proxies and ``embeddings``; its distance's L2 normalisation off (the set is
+        normalised already); for positive_divisor other than "all", its reducer; for
+        exclude_parents, its distance. Restored afterwards, also on error."""
         num_classes = synthesis.proxies.shape[0]
         num_real_classes = num_classes - len(synthesis.pairs)
         patches = [
             (self.loss, name, value_for(num_classes))
             for name, value_for in self.spec.class_count_attrs.items()
         ]
+        weight_regularizer = getattr(self.loss, "weight_regularizer", None)
+        if weight_regularizer is not None:  # gets the proxies as rows, [C*k, D]
+            real = self._class_proxies(embeddings).flatten(0, 1)
+            fixed = _OnFixedInput(weight_regularizer, real)
+            patches.append((self.loss, "weight_regularizer", fixed))
+        if self.loss.embedding_regularizer is not None:
+            fixed = _OnFixedInput(self.loss.embedding_regularizer, embeddings)
+            patches.append((self.loss, "embedding_regularizer", fixed))
         distance = getattr(self.loss, "distance", None)
         if (
             isinstance(distance, BaseDistance)
@@ -494,6 +515,19 @@ class _RealPositiveDivisor(torch.nn.Module):
         synthetic = term["losses"] if self.keep_synthetic else 0.0
         term["losses"] = torch.where(real_proxy, term["losses"] * scale, synthetic)
         return self.reducer(loss_dict, embeddings, labels)
+
+
+class _OnFixedInput(torch.nn.Module):
+    """``regularizer`` applied to ``x`` whatever it is called on: stands in for an
+    inner loss's regularizer during a synthesis call, so that it regularises the real
+    proxies or embeddings the bare loss would pass it (``x``)."""
+
+    def __init__(self, regularizer: torch.nn.Module, x: torch.Tensor):
+        super().__init__()
+        self.regularizer, self.x = regularizer, x
+
+    def forward(self, _enlarged_set: torch.Tensor) -> torch.Tensor:
+        return self.regularizer(self.x)
 
 
 class _WithoutPairs(BaseDistance):

@@ -64,11 +64,11 @@ def record_syntheses(wrapper):
     seen = []
     loss_on = wrapper.loss_on
 
-    def spy(synthesis):
+    def spy(synthesis, *args):
         num_real = len(synthesis.embeddings) - len(synthesis.pairs)
         real = synthesis.embeddings[:num_real].detach().clone()
         seen.append((real, synthesis.pairs.clone(), synthesis.lam.detach().clone()))
-        return loss_on(synthesis)
+        return loss_on(synthesis, *args)
 
     wrapper.loss_on = spy
     return seen

@@ -1,4 +1,5 @@
 import copy
+import itertools
 import math
 import unittest
 
@@ -6,7 +7,7 @@ import numpy as np
 import scipy.stats
 import torch
 import torch.nn.functional as F
-from pytorch_metric_learning import losses, reducers, samplers, trainers
+from pytorch_metric_learning import losses, reducers, regularizers, samplers, trainers
 from pytorch_metric_learning.distances import LpDistance
 from pytorch_metric_learning.utils import distributed
 
@@ -17,27 +18,39 @@ from .. import TEST_DEVICE, TEST_DTYPES
 NUM_CLASSES, EMBEDDING_SIZE, BATCH_SIZE = 10, 8, 12
 
 
-def build_losses(num_classes, embedding_size=EMBEDDING_SIZE):
-    """One instance of every supported loss, keyed by name."""
+def build_losses(num_classes, embedding_size=EMBEDDING_SIZE, **kwargs):
+    """One instance of every supported loss, keyed by name; ``kwargs`` go to every
+    constructor (P2SGradLoss, which has no weight regularizer, gets no
+    ``weight_*`` ones)."""
     c, d = num_classes, embedding_size
+    no_weight = {k: v for k, v in kwargs.items() if not k.startswith("weight_")}
     return {
-        "ProxyAnchorLoss": losses.ProxyAnchorLoss(c, d),
-        "ProxyNCALoss": losses.ProxyNCALoss(c, d, softmax_scale=3),
+        "ProxyAnchorLoss": losses.ProxyAnchorLoss(c, d, **kwargs),
+        "ProxyNCALoss": losses.ProxyNCALoss(c, d, softmax_scale=3, **kwargs),
         # a distance that does not normalise: the wrapper must normalise the proxies
         "ProxyNCALoss unnormalised": losses.ProxyNCALoss(
-            c, d, distance=LpDistance(normalize_embeddings=False)
+            c, d, distance=LpDistance(normalize_embeddings=False), **kwargs
         ),
-        "NormalizedSoftmaxLoss": losses.NormalizedSoftmaxLoss(c, d),
-        "SoftTripleLoss": losses.SoftTripleLoss(c, d, centers_per_class=3),
-        "LargeMarginSoftmaxLoss": losses.LargeMarginSoftmaxLoss(c, d),
-        "ArcFaceLoss": losses.ArcFaceLoss(c, d),
-        "CosFaceLoss": losses.CosFaceLoss(c, d),
-        "SphereFaceLoss": losses.SphereFaceLoss(c, d),
+        "NormalizedSoftmaxLoss": losses.NormalizedSoftmaxLoss(c, d, **kwargs),
+        "SoftTripleLoss": losses.SoftTripleLoss(c, d, centers_per_class=3, **kwargs),
+        "LargeMarginSoftmaxLoss": losses.LargeMarginSoftmaxLoss(c, d, **kwargs),
+        "ArcFaceLoss": losses.ArcFaceLoss(c, d, **kwargs),
+        "CosFaceLoss": losses.CosFaceLoss(c, d, **kwargs),
+        "SphereFaceLoss": losses.SphereFaceLoss(c, d, **kwargs),
         "SubCenterArcFaceLoss": losses.SubCenterArcFaceLoss(
-            num_classes=c, embedding_size=d, sub_centers=2
+            num_classes=c, embedding_size=d, sub_centers=2, **kwargs
         ),
-        "P2SGradLoss": losses.P2SGradLoss(d, c),
+        "P2SGradLoss": losses.P2SGradLoss(d, c, **no_weight),
     }
+
+
+def proxy_rows(loss):
+    """The [C*k, D] proxies that a PML loss passes its weight regularizer, by hand."""
+    if isinstance(loss, (losses.ProxyAnchorLoss, losses.ProxyNCALoss)):
+        return loss.proxies
+    if isinstance(loss, losses.SoftTripleLoss):
+        return loss.fc.t()
+    return loss.W.t()
 
 
 def copy_proxies_into(loss, proxies):
@@ -220,6 +233,36 @@ def proxy_anchor_formula(
     if divisor == "real_only":
         return real + neg
     return real + pos[num_real_classes:].sum() / with_pos.sum() + neg
+
+
+class TestRegularizers(unittest.TestCase):
+    def test_regularizers_see_the_real_proxies_and_embeddings(self):
+        """With the inner loss's weight and embedding regularizers, the wrapper's loss
+        is the loss without them (same synthesis) plus each regularizer on the real
+        proxies and the raw batch, as without synthesis."""
+        weights = {"weight_reg_weight": 0.5, "embedding_reg_weight": 0.25}
+        for name in build_losses(NUM_CLASSES):
+            with self.subTest(loss=name):
+                regularized = build_losses(
+                    NUM_CLASSES,
+                    weight_regularizer=regularizers.LpRegularizer(),
+                    embedding_regularizer=regularizers.LpRegularizer(),
+                    **weights,
+                )[name].to(TEST_DEVICE)
+                plain = build_losses(NUM_CLASSES)[name].to(TEST_DEVICE)
+                plain.load_state_dict(regularized.state_dict())
+                emb = 3 * torch.randn(BATCH_SIZE, EMBEDDING_SIZE, device=TEST_DEVICE)
+                labels = torch.randint(0, 4, (BATCH_SIZE,), device=TEST_DEVICE)
+                torch.manual_seed(2)
+                loss = ProxySynthesisLoss(regularized)(emb, labels)
+                torch.manual_seed(2)
+                expected = ProxySynthesisLoss(plain)(emb, labels)
+                expected = expected + 0.25 * emb.norm(dim=1).mean()
+                if name != "P2SGradLoss":
+                    expected = expected + 0.5 * proxy_rows(plain).norm(dim=1).mean()
+                self.assertTrue(
+                    torch.isclose(loss, expected, rtol=1e-5), (loss, expected)
+                )
 
 
 class TestPositiveDivisor(unittest.TestCase):
@@ -682,10 +725,16 @@ class TestInnerLossUnchanged(unittest.TestCase):
         assert_same_state(self, before, after)
 
     def test_after_a_call(self):
+        with_regularizers = {
+            "weight_regularizer": regularizers.LpRegularizer(),
+            "embedding_regularizer": regularizers.LpRegularizer(),
+        }
         for dtype in TEST_DTYPES:
-            for name in build_losses(NUM_CLASSES):
-                with self.subTest(dtype=dtype, loss=name):
-                    inner = build_losses(NUM_CLASSES)[name]
+            for name, kwargs in itertools.product(
+                build_losses(NUM_CLASSES), ({}, with_regularizers)
+            ):
+                with self.subTest(dtype=dtype, loss=name, regularized=bool(kwargs)):
+                    inner = build_losses(NUM_CLASSES, **kwargs)[name]
                     before = inner_state(inner)
                     wrapper = ProxySynthesisLoss(inner, mu=2.0)
                     emb = torch.randn(BATCH_SIZE, EMBEDDING_SIZE).to(dtype)
