@@ -110,6 +110,12 @@ class ProxySynthesisLoss(BaseMetricLossFunction):
         generator: Optional[torch.Generator] = None,
         **kwargs,
     ):
+        for name in ("distance", "reducer"):
+            if kwargs.get(name) is not None:
+                raise ValueError(
+                    f"ProxySynthesisLoss takes no {name}: the inner loss computes the "
+                    f"loss with its own; pass {name}=... to the inner loss instead"
+                )
         super().__init__(**kwargs)
         self.spec: ProxySpec = find_proxy_spec(loss)
         if not alpha > 0:

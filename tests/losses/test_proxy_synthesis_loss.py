@@ -788,6 +788,9 @@ class TestBadInput(unittest.TestCase):
             ({"mu": -0.5}, "mu must be >= 0"),
             ({"pairing": "shuffle"}, "pairing must be one of"),
             ({"lam_per": "sample"}, "lam_per must be one of"),
+            # the inner loss's would be used: never silently ignored
+            ({"distance": LpDistance()}, "takes no distance"),
+            ({"reducer": reducers.SumReducer()}, "takes no reducer"),
         ):
             with self.assertRaisesRegex(ValueError, message):
                 ProxySynthesisLoss(inner, **kwargs)
