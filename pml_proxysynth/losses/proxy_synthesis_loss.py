@@ -198,7 +198,8 @@ class ProxySynthesisLoss(BaseMetricLossFunction):
         not the normalised enlarged set (on unit rows a norm penalty such as PML's
         ``LpRegularizer`` would be a constant, silently doing nothing)."""
         if embeddings is None:
-            embeddings = synthesis.embeddings[: -len(synthesis.pairs) or None]
+            num_real = len(synthesis.embeddings) - len(synthesis.pairs)
+            embeddings = synthesis.embeddings[:num_real]
         proxies = synthesis.proxies.reshape(-1, synthesis.proxies.shape[-1])
         param = proxies if self.spec.classes_on_rows else proxies.t()
         with self._patched(synthesis, embeddings):
