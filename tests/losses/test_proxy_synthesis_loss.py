@@ -264,6 +264,26 @@ class TestRegularizers(unittest.TestCase):
                     torch.isclose(loss, expected, rtol=1e-5), (loss, expected)
                 )
 
+    def test_loss_on_defaults_to_the_real_rows(self):
+        """``loss_on`` without the raw batch regularises the set's real rows."""
+
+        class Sum(torch.nn.Module):  # a probe: which rows the regularizer gets
+            def forward(self, x):
+                return x.sum()
+
+        regularized = losses.ProxyAnchorLoss(
+            NUM_CLASSES, EMBEDDING_SIZE, embedding_regularizer=Sum()
+        )
+        plain = losses.ProxyAnchorLoss(NUM_CLASSES, EMBEDDING_SIZE)
+        plain.load_state_dict(regularized.state_dict())
+        emb = torch.randn(BATCH_SIZE, EMBEDDING_SIZE)
+        labels = torch.randint(0, 4, (BATCH_SIZE,))
+        syn = ProxySynthesisLoss(plain).synthesize(emb, labels)
+        expected = ProxySynthesisLoss(plain).loss_on(syn)
+        expected = expected + syn.embeddings[:BATCH_SIZE].sum()
+        loss = ProxySynthesisLoss(regularized).loss_on(syn)
+        self.assertTrue(torch.isclose(loss, expected, rtol=1e-5), (loss, expected))
+
 
 class TestPositiveDivisor(unittest.TestCase):
     def test_equals_proxy_anchor_formula(self):
