@@ -40,8 +40,9 @@ class ProxySpec:
         ``exclude_parents`` (checked by hand for the losses marked).
     normalizes_own_proxies: True if the loss L2-normalises its proxies itself on every
         call, whatever its distance's settings; the wrapper then passes the real proxies
-        as they are and the synthetic ones unnormalised, and normalises only the
-        parents' proxies (or all C when fewer) instead of all C + M twice.
+        as they are and the synthetic ones unnormalised, and normalises only the 2M
+        parents' proxies when there are fewer than C (the loss normalises all C + M
+        again in any case).
     """
 
     param: str
