@@ -343,8 +343,9 @@ def summarise(records: Dict[tuple, dict], rows: List[Row], title: str) -> str:
         cells = [mean_std([float(r[c]) for r in recs]) for c in columns]
         delta = "—"
         if row.baseline:
-            base = {
-                int(r["seed"]): float(r["map_at_r"]) for r in by_method[row.baseline]
+            base = {  # the baseline may not have been run (--methods)
+                int(r["seed"]): float(r["map_at_r"])
+                for r in by_method.get(row.baseline, [])
             }
             diffs = [
                 float(r["map_at_r"]) - base[int(r["seed"])]
