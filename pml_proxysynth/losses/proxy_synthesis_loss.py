@@ -192,11 +192,12 @@ class ProxySynthesisLoss(BaseMetricLossFunction):
         normalisation, forward and backward). (Its proxies may also be unnormalised for a
         loss that normalises them itself, ``ProxySpec.normalizes_own_proxies``.)
 
-        The inner loss's regularizers see what they would see without synthesis: a
-        ``weight_regularizer`` the inner loss's own proxies, an ``embedding_regularizer``
-        ``embeddings``, the batch as given to ``forward`` (default: the set's real rows),
-        not the normalised enlarged set (on unit rows a norm penalty such as PML's
-        ``LpRegularizer`` would be a constant, silently doing nothing)."""
+        The inner loss's regularizers get what the bare loss would give them, not the
+        normalised enlarged set (on unit rows a norm penalty such as PML's
+        ``LpRegularizer`` is a constant, silently doing nothing): its
+        ``weight_regularizer`` the inner loss's own proxies, its
+        ``embedding_regularizer`` ``embeddings``, the batch as given to ``forward``
+        (default: the set's real rows)."""
         if embeddings is None:
             num_real = len(synthesis.embeddings) - len(synthesis.pairs)
             embeddings = synthesis.embeddings[:num_real]
