@@ -170,7 +170,12 @@ class ProxySynthesisLoss(BaseMetricLossFunction):
         """
         labels = c_f.to_device(labels, embeddings)
         self._check_inputs(embeddings, labels)
-        return self._synthesize(embeddings, labels, self._shared_generator(embeddings))
+        return self._synthesize(
+            embeddings,
+            labels,
+            self.num_synthetic_for(labels),
+            self._shared_generator(embeddings),
+        )
 
     def num_synthetic_for(self, labels: torch.Tensor) -> int:
         """M for this batch: round(mu * B), or 0 when the batch holds a single class."""
@@ -224,13 +229,15 @@ class ProxySynthesisLoss(BaseMetricLossFunction):
         # before the skip test, so that all ranks take part in the broadcast even when
         # their per-rank batches differ (the loss used without PML's wrapper)
         shared = self._shared_generator(embeddings) if self.training else None
-        if not self.training or self.num_synthetic_for(labels) == 0:
+        num_pairs = self.num_synthetic_for(labels) if self.training else 0
+        if num_pairs == 0:
             self._record(None)
             loss = self.loss(embeddings, labels)
         else:
             synthesis = self._synthesize(
                 embeddings,
                 labels,
+                num_pairs,
                 shared,
                 normalize_proxies=not self.spec.normalizes_own_proxies,
             )
@@ -249,6 +256,7 @@ class ProxySynthesisLoss(BaseMetricLossFunction):
         self,
         embeddings: torch.Tensor,
         labels: torch.Tensor,
+        num_pairs: int,
         shared: Optional[torch.Generator] = None,
         normalize_proxies: bool = True,
     ) -> Synthesis:
@@ -261,7 +269,7 @@ class ProxySynthesisLoss(BaseMetricLossFunction):
         raw_proxies = self._class_proxies(embeddings)
         num_classes = raw_proxies.shape[0]
         x = _l2_normalize(embeddings)
-        pairs, lam = self._draw_pairs_and_lam(labels, embeddings, shared)
+        pairs, lam = self._draw_pairs_and_lam(labels, num_pairs, embeddings, shared)
         x_pairs = _rows(x, pairs)
         x_syn = _l2_normalize(_mix(*x_pairs.unbind(1), lam))
         parents = labels[pairs]
@@ -349,12 +357,13 @@ class ProxySynthesisLoss(BaseMetricLossFunction):
     def _draw_pairs_and_lam(
         self,
         labels: torch.Tensor,
+        num_pairs: int,
         like: torch.Tensor,
         shared: Optional[torch.Generator],
     ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """The pairs and lam; with a ``shared`` generator, drawn on the rows put in rank
-        order and mapped back, so that all ranks pick the same rows of a gathered batch."""
-        num_pairs = self.num_synthetic_for(labels)
+        """``num_pairs`` pairs and their lam; with a ``shared`` generator, drawn on the
+        rows put in rank order and mapped back, so that all ranks pick the same rows of
+        a gathered batch."""
         if shared is None:
             pairs = self._draw_pairs(labels, num_pairs)
             return pairs, self._draw_lam(len(pairs), like)
