@@ -97,6 +97,8 @@ EPOCHS_16 = ("--epochs", "16")
 EPOCHS_32 = ("--epochs", "32")
 # ProxyAnchor + PS with the synthetic classes as negatives of non-parent classes only
 NEGATIVES_ONLY = ("--ps-exclude-parents", "--ps-positive-divisor", "real_only")
+# synthetic classes left out of their parents' negatives, mixed with lam ~ Beta(2, 2)
+EXCLUDE_PARENTS_BETA_2 = ("--ps-exclude-parents", "--ps-alpha", "2")
 SUPPLEMENTARY_ROWS: List[Row] = [
     # the example's ProxyAnchor default is mu = 0.25 (see the sweep); the paper's mu = 1:
     _ps_row("proxy_anchor", "mu=1", "proxy_anchor", ("--ps-mu", "1")),
@@ -188,6 +190,28 @@ SUPPLEMENTARY_ROWS: List[Row] = [
         "exclude-parents real-only ps-alpha=2",
         "proxy_anchor",
         NEGATIVES_ONLY + ("--ps-alpha", "2"),
+    ),
+    # CosFace, the one softmax loss still level with PS once parents are excluded:
+    # lam ~ Beta(2, 2), with and without the parents excluded (synthetic classes away
+    # from their parents contradict the margin less), and twice the synthetic classes
+    _ps_row("cosface", "ps-alpha=2", "cosface", ("--ps-alpha", "2")),
+    _ps_row(
+        "cosface",
+        "exclude-parents mu=2",
+        "cosface",
+        ("--ps-exclude-parents", "--ps-mu", "2"),
+    ),
+    # parents excluded and lam ~ Beta(2, 2), the setting that lifted CosFace, for the
+    # other losses that support exclusion (ProxyAnchor with its synthetic positives)
+    *(
+        _ps_row(loss, "exclude-parents ps-alpha=2", loss, EXCLUDE_PARENTS_BETA_2)
+        for loss in ("cosface", "arcface", "proxy_nca", "proxy_anchor")
+    ),
+    _ps_row(
+        "cosface",
+        "scale=23 exclude-parents ps-alpha=2",
+        "cosface scale=23",
+        SCALE_23 + EXCLUDE_PARENTS_BETA_2,
     ),
     # plain shuffling leaves most anchors of a 128-batch over 324 classes without a
     # positive; these margin rows get class-balanced batches (2 per class) instead:
