@@ -95,6 +95,8 @@ NCA_SCALE_12 = ("--loss-kwargs", '{"softmax_scale": 12}')
 SCALE_23 = ("--loss-kwargs", '{"scale": 23}')
 EPOCHS_16 = ("--epochs", "16")
 EPOCHS_32 = ("--epochs", "32")
+SMALL_TRAIN_SET = ("--max-train-images", "4000") + EPOCHS_32
+SMALLER_TRAIN_SET = ("--max-train-images", "2000", "--epochs", "64")
 # ProxyAnchor + PS with the synthetic classes as negatives of non-parent classes only
 NEGATIVES_ONLY = ("--ps-exclude-parents", "--ps-positive-divisor", "real_only")
 # synthetic classes left out of their parents' negatives, mixed with lam ~ Beta(2, 2)
@@ -212,6 +214,42 @@ SUPPLEMENTARY_ROWS: List[Row] = [
         "scale=23 exclude-parents ps-alpha=2",
         "cosface scale=23",
         SCALE_23 + EXCLUDE_PARENTS_BETA_2,
+    ),
+    # ProxyAnchor without the synthetic proxies' positive term but with the parent
+    # pairs kept: the synthetic classes push their parents' rows and proxies apart, as
+    # they do (and help) in the softmax losses; lam near 0 or 1, and near 0.5
+    _ps_row(
+        "proxy_anchor",
+        "real-only",
+        "proxy_anchor",
+        ("--ps-positive-divisor", "real_only"),
+    ),
+    _ps_row(
+        "proxy_anchor",
+        "real-only ps-alpha=2",
+        "proxy_anchor",
+        ("--ps-positive-divisor", "real_only", "--ps-alpha", "2"),
+    ),
+    # PS is a regulariser, and at the protocol's budget the baselines do not overfit
+    # yet: a quarter of the training images (a random subset per seed, about 12 per
+    # class) for 4x the epochs, the same number of steps, where they may
+    *_with_and_without_ps("proxy_anchor", "train=4000 epochs=32", SMALL_TRAIN_SET),
+    _ps_row(
+        "proxy_anchor",
+        "train=4000 epochs=32 exclude-parents real-only",
+        "proxy_anchor train=4000 epochs=32",
+        SMALL_TRAIN_SET + NEGATIVES_ONLY,
+    ),
+    *_with_and_without_ps(
+        "normalized_softmax", "train=4000 epochs=32", SMALL_TRAIN_SET
+    ),
+    # ... and an eighth of them (about 6 per class) for 8x the epochs
+    *_with_and_without_ps("proxy_anchor", "train=2000 epochs=64", SMALLER_TRAIN_SET),
+    _ps_row(
+        "proxy_anchor",
+        "train=2000 epochs=64 exclude-parents real-only",
+        "proxy_anchor train=2000 epochs=64",
+        SMALLER_TRAIN_SET + NEGATIVES_ONLY,
     ),
     # plain shuffling leaves most anchors of a 128-batch over 324 classes without a
     # positive; these margin rows get class-balanced batches (2 per class) instead:
