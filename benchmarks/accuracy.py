@@ -97,8 +97,10 @@ EPOCHS_16 = ("--epochs", "16")
 EPOCHS_32 = ("--epochs", "32")
 SMALL_TRAIN_SET = ("--max-train-images", "4000") + EPOCHS_32
 SMALLER_TRAIN_SET = ("--max-train-images", "2000", "--epochs", "64")
+# ProxyAnchor's positive term over the real proxies only (no synthetic positives)
+REAL_ONLY = ("--ps-positive-divisor", "real_only")
 # ProxyAnchor + PS with the synthetic classes as negatives of non-parent classes only
-NEGATIVES_ONLY = ("--ps-exclude-parents", "--ps-positive-divisor", "real_only")
+NEGATIVES_ONLY = ("--ps-exclude-parents",) + REAL_ONLY
 # synthetic classes left out of their parents' negatives, mixed with lam ~ Beta(2, 2)
 EXCLUDE_PARENTS_BETA_2 = ("--ps-exclude-parents", "--ps-alpha", "2")
 SUPPLEMENTARY_ROWS: List[Row] = [
@@ -218,17 +220,12 @@ SUPPLEMENTARY_ROWS: List[Row] = [
     # ProxyAnchor without the synthetic proxies' positive term but with the parent
     # pairs kept: the synthetic classes push their parents' rows and proxies apart, as
     # they do (and help) in the softmax losses; lam near 0 or 1, and near 0.5
-    _ps_row(
-        "proxy_anchor",
-        "real-only",
-        "proxy_anchor",
-        ("--ps-positive-divisor", "real_only"),
-    ),
+    _ps_row("proxy_anchor", "real-only", "proxy_anchor", REAL_ONLY),
     _ps_row(
         "proxy_anchor",
         "real-only ps-alpha=2",
         "proxy_anchor",
-        ("--ps-positive-divisor", "real_only", "--ps-alpha", "2"),
+        REAL_ONLY + ("--ps-alpha", "2"),
     ),
     # PS is a regulariser, and at the protocol's budget the baselines still improve: a
     # data-scarce regime, where a regulariser has more to correct, with as many steps:

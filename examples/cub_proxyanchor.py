@@ -19,6 +19,7 @@ classes (there is no separate validation split).
 
 import argparse
 import copy
+import gc
 import inspect
 import json
 import logging
@@ -1327,6 +1328,13 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
+        if args.world_size > 1:
+            # The trainer's reference cycles keep the losses' DDP wrappers, and through
+            # them the gloo process group and its threads, alive past this call. Left to
+            # the interpreter's shutdown, destroying them aborted the process now and
+            # then ("terminate called without an active exception", exit code -6,
+            # after the run had finished); free them while the interpreter is whole.
+            gc.collect()
 
 
 def _run(args: argparse.Namespace, rank: int) -> Dict[str, Any]:

@@ -296,6 +296,38 @@ def test_torchrun_shared_head_margin_and_m_per_class(tmp_path, extra):
     assert accuracy_epochs(out) == [1]
 
 
+# Runs the example's run() under torchrun, then exits 3 if a DistributedDataParallel
+# wrapper is still alive: one left for the interpreter's shutdown takes the gloo process
+# group with it, which now and then aborted a finished run (exit code -6).
+_NO_DDP_LEFT = """
+import gc, importlib.util, sys
+from torch.nn.parallel import DistributedDataParallel
+spec = importlib.util.spec_from_file_location("cub_proxyanchor", sys.argv[1])
+ex = importlib.util.module_from_spec(spec)
+sys.modules[spec.name] = ex
+spec.loader.exec_module(ex)
+ex.run(ex.parse_args(sys.argv[2:]))
+sys.exit(3 if any(isinstance(o, DistributedDataParallel) for o in gc.get_objects()) else 0)
+"""
+
+
+def test_torchrun_leaves_no_ddp_wrapper_to_interpreter_shutdown(tmp_path):
+    script = tmp_path / "no_ddp_left.py"
+    script.write_text(_NO_DDP_LEFT)
+    flags = glyphs_args(
+        tmp_path / "glyphs", tmp_path / "run", "--no-plots", "--sampler",
+        "m_per_class", "--m-per-class", "2", "--batch-size", "16", "--loss", "margin",
+        "--no-ps",
+    )  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+         f"--master_port={free_port()}", str(script), str(EXAMPLE), *flags],
+        capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+        timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
 @pytest.mark.parametrize(
     "dataset, make, train_ids, test_ids",
     [("cars196", make_cars196, (1, 2, 3, 4), (99, 100, 101, 102)),
