@@ -245,19 +245,23 @@ def test_resume_after_interruption_restores_proxies_and_optimizer(
     assert param_state["step"] > 0
 
 
+def run_torchrun(script, *args):
+    """``script`` with ``args`` under torchrun: 2 CPU processes of one thread each."""
+    return subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+         f"--master_port={free_port()}", str(script), *map(str, args)],
+        capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+        timeout=300,
+    )  # fmt: skip
+
+
 def test_torchrun_two_cpu_processes_rank_zero_writes(tmp_path):
     """torchrun --nproc_per_node=2 on CPU (gloo): trains, only rank 0 evaluates and
     writes, and --resume continues on both ranks."""
     out = tmp_path / "run"
     flags = glyphs_args(tmp_path / "glyphs", out, "--no-plots")
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for extra in ([], ["--resume", "--epochs", "2"]):
-        port = f"--master_port={free_port()}"
-        proc = subprocess.run(
-            [*torchrun, port, str(EXAMPLE), *flags, *extra],
-            capture_output=True, text=True, env=env, timeout=300,
-        )  # fmt: skip
+        proc = run_torchrun(EXAMPLE, *flags, *extra)
         assert proc.returncode == 0, proc.stderr[-3000:]
         if not extra:
             # one record writer, one evaluation per epoch, one set of checkpoints
@@ -285,12 +289,7 @@ def test_torchrun_shared_head_margin_and_m_per_class(tmp_path, extra):
         tmp_path / "glyphs", out, "--no-plots", "--sampler", "m_per_class",
         "--m-per-class", "2", "--batch-size", "16", "--shared-size", "8", *extra,
     )  # fmt: skip
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-         f"--master_port={free_port()}", str(EXAMPLE), *flags],
-        capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
-        timeout=300,
-    )  # fmt: skip
+    proc = run_torchrun(EXAMPLE, *flags)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert len(os.listdir(out / "tensorboard")) == 1
     assert accuracy_epochs(out) == [1]
@@ -319,12 +318,7 @@ def test_torchrun_leaves_no_ddp_wrapper_to_interpreter_shutdown(tmp_path):
         "m_per_class", "--m-per-class", "2", "--batch-size", "16", "--loss", "margin",
         "--no-ps",
     )  # fmt: skip
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-         f"--master_port={free_port()}", str(script), str(EXAMPLE), *flags],
-        capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
-        timeout=300,
-    )  # fmt: skip
+    proc = run_torchrun(script, EXAMPLE, *flags)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
