@@ -97,6 +97,10 @@ EPOCHS_16 = ("--epochs", "16")
 EPOCHS_32 = ("--epochs", "32")
 SMALL_TRAIN_SET = ("--max-train-images", "4000") + EPOCHS_32
 SMALLER_TRAIN_SET = ("--max-train-images", "2000", "--epochs", "64")
+# 200 of the glyphs' characters, split in half: 100 training classes (4965 images) and
+# 100 test classes, about CUB's size; 26 epochs are about the protocol's 1000 steps
+CUB_SIZED = ("--glyphs-option", "max_classes=200", "--epochs", "26")
+CUB_SIZED_TAG = "classes=100+100 epochs=26"
 # ProxyAnchor's positive term over the real proxies only (no synthetic positives)
 REAL_ONLY = ("--ps-positive-divisor", "real_only")
 # ProxyAnchor + PS with the synthetic classes as negatives of non-parent classes only
@@ -248,6 +252,31 @@ SUPPLEMENTARY_ROWS: List[Row] = [
         "train=2000 epochs=64 exclude-parents real-only",
         "proxy_anchor train=2000 epochs=64",
         SMALLER_TRAIN_SET + NEGATIVES_ONLY,
+    ),
+    # PS simulates unseen classes, which should matter more with fewer seen ones: a
+    # CUB-sized task (100 training classes of about 50 images, 100 unseen test
+    # classes), with about as many steps as the protocol
+    *(
+        row
+        for loss in PROXY_LOSSES
+        for row in _with_and_without_ps(loss, CUB_SIZED_TAG, CUB_SIZED)
+    ),
+    # ... and the variants that made PS level or better on the protocol: ProxyAnchor's
+    # synthetic classes as negatives only, ArcFace's and CosFace's parents excluded
+    _ps_row(
+        "proxy_anchor",
+        f"{CUB_SIZED_TAG} exclude-parents real-only",
+        f"proxy_anchor {CUB_SIZED_TAG}",
+        CUB_SIZED + NEGATIVES_ONLY,
+    ),
+    *(
+        _ps_row(
+            loss,
+            f"{CUB_SIZED_TAG} exclude-parents",
+            f"{loss} {CUB_SIZED_TAG}",
+            CUB_SIZED + ("--ps-exclude-parents",),
+        )
+        for loss in ("arcface", "cosface")
     ),
     # plain shuffling leaves most anchors of a 128-batch over 324 classes without a
     # positive; these margin rows get class-balanced batches (2 per class) instead:
@@ -425,8 +454,12 @@ def plot(records: Dict[tuple, dict], rows: List[Row], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    methods = [r.method for r in rows if any(m == r.method for m, _ in records)]
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4 + 0.1 * len(methods)))
+    shown = [r for r in rows if any(m == r.method for m, _ in records)]
+    methods = [r.method for r in shown]
+    colors = ["tab:blue" if r.baseline else "tab:gray" for r in shown]
+    # one set of row labels (shared y axis), the first row on top
+    fig, axes = plt.subplots(1, 2, sharey=True, figsize=(14, 1.5 + 0.22 * len(methods)))
+    axes[0].invert_yaxis()
     for ax, column, label in zip(
         axes, ("map_at_r", "recall_at_1"), ("MAP@R (%)", "Recall@1 (%)")
     ):
@@ -437,10 +470,10 @@ def plot(records: Dict[tuple, dict], rows: List[Row], path: Path) -> None:
             ]
             means.append(statistics.mean(values))
             stds.append(statistics.stdev(values) if len(values) > 1 else 0.0)
-        ax.barh(methods, means, xerr=stds, capsize=3, color="tab:blue")
-        ax.set_xlabel(label)
+        ax.barh(methods, means, xerr=stds, capsize=3, color=colors)
+        ax.set_xlabel(label + ", gray: baseline, blue: with the method")
         ax.set_xlim(min(means) - 3 * max(stds + [1]), max(means) + 3 * max(stds + [1]))
-        ax.invert_yaxis()
+        ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
