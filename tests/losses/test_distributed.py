@@ -171,7 +171,6 @@ def gradients_worker(rank, port, out_dir, data_per_dtype):
                 }
             )
     save_result(out_dir, rank, results)
-    dist.destroy_process_group()
 
 
 def training_data(dtype):
@@ -223,7 +222,6 @@ def training_worker(rank, port, out_dir, data_per_dtype):
             }
         )
     save_result(out_dir, rank, results)
-    dist.destroy_process_group()
 
 
 def tolerance(dtype):

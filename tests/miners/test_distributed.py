@@ -103,7 +103,6 @@ def worker(rank, port, out_dir, batches_per_dtype):
                     }
                 )
     save_result(out_dir, rank, results)
-    dist.destroy_process_group()
 
 
 def triplet_loss_by_hand(query, ref, a, p, n):
