@@ -300,6 +300,31 @@ SUPPLEMENTARY_ROWS: List[Row] = [
             ("random", ("--shared-strategy", "random")),
         )
     ),
+    # the shared head, alone and with PS over ProxyAnchor, on the CUB-sized task
+    Row(
+        f"margin m=2 {CUB_SIZED_TAG}",
+        "margin",
+        False,
+        False,
+        "",
+        M_PER_CLASS_2 + CUB_SIZED,
+    ),
+    Row(
+        f"margin+shared m=2 {CUB_SIZED_TAG}",
+        "margin",
+        False,
+        True,
+        f"margin m=2 {CUB_SIZED_TAG}",
+        M_PER_CLASS_2 + CUB_SIZED,
+    ),
+    Row(
+        f"proxy_anchor+ps+shared {CUB_SIZED_TAG}",
+        "proxy_anchor",
+        True,
+        True,
+        f"proxy_anchor {CUB_SIZED_TAG}",
+        CUB_SIZED,
+    ),
 ]
 
 # The ProxyAnchor sweep (--sweep): the paper's alpha/mu grid around its defaults, with the
