@@ -278,6 +278,17 @@ SUPPLEMENTARY_ROWS: List[Row] = [
         )
         for loss in ("arcface", "cosface")
     ),
+    # ... and the two other losses' best settings on the protocol: CosFace's parents
+    # excluded with lam ~ Beta(2, 2), ProxyNCA at the official softmax scale 12
+    _ps_row(
+        "cosface",
+        f"{CUB_SIZED_TAG} exclude-parents ps-alpha=2",
+        f"cosface {CUB_SIZED_TAG}",
+        CUB_SIZED + EXCLUDE_PARENTS_BETA_2,
+    ),
+    *_with_and_without_ps(
+        "proxy_nca", f"scale=12 {CUB_SIZED_TAG}", CUB_SIZED + NCA_SCALE_12
+    ),
     # plain shuffling leaves most anchors of a 128-batch over 324 classes without a
     # positive; these margin rows get class-balanced batches (2 per class) instead:
     Row("margin m=2", "margin", False, False, "", M_PER_CLASS_2),
