@@ -263,28 +263,17 @@ SUPPLEMENTARY_ROWS: List[Row] = [
     ),
     # ... and the variants that made PS level or better on the protocol: ProxyAnchor's
     # synthetic classes as negatives only, ArcFace's and CosFace's parents excluded
-    _ps_row(
-        "proxy_anchor",
-        f"{CUB_SIZED_TAG} exclude-parents real-only",
-        f"proxy_anchor {CUB_SIZED_TAG}",
-        CUB_SIZED + NEGATIVES_ONLY,
-    ),
+    # (CosFace's best also with lam ~ Beta(2, 2)), ProxyNCA at the official scale 12
     *(
         _ps_row(
-            loss,
-            f"{CUB_SIZED_TAG} exclude-parents",
-            f"{loss} {CUB_SIZED_TAG}",
-            CUB_SIZED + ("--ps-exclude-parents",),
+            loss, f"{CUB_SIZED_TAG} {tag}", f"{loss} {CUB_SIZED_TAG}", CUB_SIZED + flags
         )
-        for loss in ("arcface", "cosface")
-    ),
-    # ... and the two other losses' best settings on the protocol: CosFace's parents
-    # excluded with lam ~ Beta(2, 2), ProxyNCA at the official softmax scale 12
-    _ps_row(
-        "cosface",
-        f"{CUB_SIZED_TAG} exclude-parents ps-alpha=2",
-        f"cosface {CUB_SIZED_TAG}",
-        CUB_SIZED + EXCLUDE_PARENTS_BETA_2,
+        for loss, tag, flags in (
+            ("proxy_anchor", "exclude-parents real-only", NEGATIVES_ONLY),
+            ("arcface", "exclude-parents", ("--ps-exclude-parents",)),
+            ("cosface", "exclude-parents", ("--ps-exclude-parents",)),
+            ("cosface", "exclude-parents ps-alpha=2", EXCLUDE_PARENTS_BETA_2),
+        )
     ),
     *_with_and_without_ps(
         "proxy_nca", f"scale=12 {CUB_SIZED_TAG}", CUB_SIZED + NCA_SCALE_12
