@@ -239,8 +239,9 @@ class SharedCharacteristicsMiner(BaseMiner):
 
         Inverse-CDF sampling: a uniform u in [0, total) is located in the row's cumulative
         sums with searchsorted (first cumsum > u), so zero-weight columns are never drawn.
-        Returns the [R, num_samples] indices and a [R] mask of rows with positive total;
-        indices of the other rows are meaningless (but in range). Overwrites ``weights``.
+        Returns the [R, num_samples] indices and a [R] mask of rows with positive total
+        (not the NaN rows of ``_masked_weights``); indices of the other rows are
+        meaningless (but in range). Overwrites ``weights``.
         """
         cdf = weights.cumsum_(dim=1)  # weights are not needed afterwards
         total = cdf[:, -1:]
@@ -327,14 +328,14 @@ class SharedCharacteristicsMiner(BaseMiner):
 def _masked_weights(
     log_w: torch.Tensor, banned: torch.Tensor, inplace: bool = False
 ) -> torch.Tensor:
-    """exp(log_w - row max over the allowed entries), 0 where ``banned``."""
+    """Row-wise softmax of ``log_w`` over the allowed entries, 0 where ``banned``
+    (one fused pass instead of max, subtract and exp); NaN in rows with nothing
+    allowed."""
     if inplace:
         masked = log_w.masked_fill_(banned, -math.inf)
     else:
         masked = log_w.masked_fill(banned, -math.inf)
-    row_max = masked.amax(dim=1, keepdim=True)
-    row_max.masked_fill_(row_max == -math.inf, 0.0)  # rows with nothing allowed
-    return masked.sub_(row_max).exp_()
+    return torch.softmax(masked, dim=1)
 
 
 def _check_finite(x: torch.Tensor, name: str) -> None:
