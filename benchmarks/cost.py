@@ -389,7 +389,8 @@ def loop_reference(
 
         def probabilities(i: int, allowed: np.ndarray) -> np.ndarray:
             log_w = log_density(dist[i])
-            log_w = log_w.masked_fill(~torch.from_numpy(allowed), -math.inf)
+            allowed = torch.from_numpy(allowed).to(log_w.device)
+            log_w = log_w.masked_fill(~allowed, -math.inf)
             w = torch.exp(log_w - log_w.max())
             return (w / w.sum()).cpu().numpy()
 
