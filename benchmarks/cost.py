@@ -452,12 +452,6 @@ def run_miner(
         "matrix-loop-full": ("full", True, False),
     }
     names = [*miners, *loops]
-    ratio_names = [
-        "DWM / standard",
-        "DWM / full",
-        f"{tmm} / standard",
-        *(f"{name} / {strategy}" for name, (strategy, _, _) in loops.items()),
-    ]
     time_rows, ratio_rows, dwm_misses = [], [], []
     loop_misses = {"loop": [], "matrix-loop": []}
     for batch_size in batch_sizes:
@@ -470,20 +464,13 @@ def run_miner(
             t = {k: v.median for k, v in timings.items()}
             repeats = "/".join(str(timings[k].repeats) for k in names)
             time_rows.append([batch_size, dim, *(ms(t[k]) for k in names), repeats])
-            r = dict(
-                zip(
-                    ratio_names,
-                    [
-                        t["DWM"] / t["standard"],
-                        t["DWM"] / t["full"],
-                        t[tmm] / t["standard"],
-                        *(
-                            t[name] / t[strategy]
-                            for name, (strategy, _, _) in loops.items()
-                        ),
-                    ],
-                )
-            )
+            r = {
+                "DWM / standard": t["DWM"] / t["standard"],
+                "DWM / full": t["DWM"] / t["full"],
+                f"{tmm} / standard": t[tmm] / t["standard"],
+            }
+            for name, (strategy, _, _) in loops.items():
+                r[f"{name} / {strategy}"] = t[name] / t[strategy]
             ratio_rows.append([batch_size, dim, *(f"{x:.1f}x" for x in r.values())])
             print(
                 f"B={batch_size:5d} D={dim:4d}  "
@@ -523,7 +510,7 @@ def run_miner(
         "",
         "Ratios (higher: the miner is faster):",
         "",
-        *table(["B", "D", *ratio_names], ratio_rows),
+        *table(["B", "D", *r], ratio_rows),
         "",
         "Targets:",
         "",
