@@ -88,6 +88,16 @@ def _with_and_without_ps(loss: str, tag: str, flags: tuple) -> List[Row]:
     return [Row(base, loss, False, False, "", flags), _ps_row(loss, tag, base, flags)]
 
 
+def _with_and_without_shared(tag: str, flags: tuple) -> List[Row]:
+    """The margin baseline ``margin <tag>`` and its shared-head counterpart, both with
+    ``flags``."""
+    base = f"margin {tag}"
+    return [
+        Row(base, "margin", False, False, "", flags),
+        Row(f"margin+shared {tag}", "margin", False, True, base, flags),
+    ]
+
+
 # Rows beyond the issue's list, run only with --supplementary (or by name in --methods);
 # each changes one flag of the protocol, named in its method.
 M_PER_CLASS_2 = ("--sampler", "m_per_class", "--m-per-class", "2")
@@ -280,8 +290,7 @@ SUPPLEMENTARY_ROWS: List[Row] = [
     ),
     # plain shuffling leaves most anchors of a 128-batch over 324 classes without a
     # positive; these margin rows get class-balanced batches (2 per class) instead:
-    Row("margin m=2", "margin", False, False, "", M_PER_CLASS_2),
-    Row("margin+shared m=2", "margin", False, True, "margin m=2", M_PER_CLASS_2),
+    *_with_and_without_shared("m=2", M_PER_CLASS_2),
     # the shared head with one of DiVA's other settings (algorithms.md B.4, B.9): the
     # adversarial decorrelation of the heads, a lower shared-loss weight, the
     # label-shuffle miner
@@ -301,22 +310,7 @@ SUPPLEMENTARY_ROWS: List[Row] = [
         )
     ),
     # the shared head, alone and with PS over ProxyAnchor, on the CUB-sized task
-    Row(
-        f"margin m=2 {CUB_SIZED_TAG}",
-        "margin",
-        False,
-        False,
-        "",
-        M_PER_CLASS_2 + CUB_SIZED,
-    ),
-    Row(
-        f"margin+shared m=2 {CUB_SIZED_TAG}",
-        "margin",
-        False,
-        True,
-        f"margin m=2 {CUB_SIZED_TAG}",
-        M_PER_CLASS_2 + CUB_SIZED,
-    ),
+    *_with_and_without_shared(f"m=2 {CUB_SIZED_TAG}", M_PER_CLASS_2 + CUB_SIZED),
     Row(
         f"proxy_anchor+ps+shared {CUB_SIZED_TAG}",
         "proxy_anchor",
