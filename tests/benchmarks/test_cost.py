@@ -1,0 +1,135 @@
+"""The cost benchmark's references and its --quick mode: the ratios it reports are only
+meaningful if its "official" function computes what the wrapper computes, and if its two
+miner loops sample what they claim to."""
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from pytorch_metric_learning import losses
+from scipy import stats
+
+from pml_proxysynth.losses import ProxySynthesisLoss
+
+from .. import TEST_DEVICE
+
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "cost.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    # the script sets OMP_WAIT_POLICY for its own process; keep this one's as it was
+    saved = os.environ.get("OMP_WAIT_POLICY")
+    spec = importlib.util.spec_from_file_location("cost_benchmark", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    sys.path.insert(0, str(SCRIPT.parent))  # it imports accuracy.py from beside it
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+        if saved is None:
+            os.environ.pop("OMP_WAIT_POLICY", None)
+        else:
+            os.environ["OMP_WAIT_POLICY"] = saved
+    return module
+
+
+@pytest.mark.parametrize("mu", [0.5, 1.0, 2.0])
+def test_official_function_equals_wrapper_with_roll_pairing(bench, mu):
+    """Forward value and gradients, float64: the same computation as the wrapper over
+    NormalizedSoftmaxLoss with the official roll pairing (i with i-1, then i-2 for
+    mu > 1) and the same lam."""
+    batch_size, num_classes, dim, scale = 16, 4, 8, 23.0
+    # rows i, i-1 and i-2 (cyclically) are of different classes, as roll pairing needs
+    labels = torch.arange(batch_size, device=TEST_DEVICE) % num_classes
+    gen = torch.Generator().manual_seed(0)
+    emb = torch.randn(batch_size, dim, generator=gen, dtype=torch.float64)
+    emb = emb.to(TEST_DEVICE).requires_grad_()
+    inner = losses.NormalizedSoftmaxLoss(num_classes, dim, temperature=1 / scale)
+    inner = inner.to(TEST_DEVICE, torch.float64)
+    wrapper = ProxySynthesisLoss(inner, mu=mu, pairing="roll")
+
+    torch.manual_seed(1)
+    lam = wrapper.synthesize(emb, labels).lam
+    torch.manual_seed(1)
+    loss = wrapper(emb, labels)
+    grads = torch.autograd.grad(loss, [emb, inner.W])
+    expected = bench.official_norm_softmax_ps(emb, inner.W.t(), labels, lam, mu, scale)
+    expected_grads = torch.autograd.grad(expected, [emb, inner.W])
+
+    torch.testing.assert_close(loss, expected, rtol=1e-10, atol=1e-10)
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
+
+
+def test_loop_references_sample_alike_and_meet_the_class_constraints(bench):
+    """Both loops serve every anchor of a batch with 3+ classes with an inter-class
+    triplet, and, from the same numpy seed, draw the same triplets: the per-anchor
+    (authors') structure and the matrix one compute the same probabilities."""
+    gen = torch.Generator().manual_seed(0)
+    labels = torch.tensor([0, 0, 1, 1, 2, 2, 3, 4, 4, 5])
+    emb = torch.randn(len(labels), 16, generator=gen)
+    for full in (False, True):
+        draws = {}
+        for per_anchor in (True, False):
+            np.random.seed(7)
+            draws[per_anchor] = bench.loop_reference(emb, labels, full, per_anchor)
+            a, p, n = (torch.tensor(t) for t in draws[per_anchor])
+            assert a.tolist() == list(range(len(labels)))
+            assert (labels[a] != labels[p]).all()
+            assert (labels[a] != labels[n]).all()
+            assert (labels[p] != labels[n]).all()
+        assert draws[True] == draws[False], f"full={full}"
+
+
+@pytest.mark.parametrize("per_anchor", [True, False])
+def test_loop_reference_negatives_follow_the_distance_weighting(bench, per_anchor):
+    """Chi-square of one anchor's negatives over many calls against Wu et al.'s weights,
+    written out here: w_j = D^(2-d) (1 - D^2/4)^(-(d-3)/2), D clamped below at 0.5."""
+    dim, cutoff, calls = 6, 0.5, 3000
+    labels = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    emb = torch.nn.functional.normalize(
+        torch.randn(len(labels), dim, generator=torch.Generator().manual_seed(3)), dim=1
+    )
+    dist = torch.linalg.vector_norm(emb[0] - emb, dim=1).double().clamp(min=cutoff)
+    weights = dist ** (2 - dim) * (1 - dist**2 / 4) ** (-(dim - 3) / 2)
+    weights[labels == labels[0]] = 0
+    expected = (weights / weights.sum() * calls).numpy()
+
+    np.random.seed(0)
+    counts = np.zeros(len(labels))
+    for _ in range(calls):
+        _, _, negatives = bench.loop_reference(emb, labels, False, per_anchor, cutoff)
+        counts[negatives[0]] += 1
+    allowed = expected > 0
+    assert counts[~allowed].sum() == 0
+    assert stats.chisquare(counts[allowed], expected[allowed]).pvalue > 1e-3
+
+
+def test_loop_reference_skips_anchors_without_two_other_classes(bench):
+    labels = torch.tensor([0, 0, 1, 1])
+    emb = torch.randn(len(labels), 8)
+    for full in (False, True):
+        for per_anchor in (True, False):
+            assert bench.loop_reference(emb, labels, full, per_anchor) == ([], [], [])
+
+
+def test_quick_run_reports_every_section_and_target(tmp_path):
+    out = tmp_path / "cost.md"
+    subprocess.run(
+        [sys.executable, str(SCRIPT), "--quick", "--device", "cpu", "--out", str(out)],
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
+    report = out.read_text()
+    for section in ("## ps:", "## miner:", "## train-step:"):
+        assert section in report
+    verdicts = [line for line in report.splitlines() if line.startswith("- ")]
+    assert sum(line.endswith(": met") or ": MISSED" in line for line in verdicts) >= 4
