@@ -106,6 +106,9 @@ SCALE_23 = ("--loss-kwargs", '{"scale": 23}')
 EPOCHS_16 = ("--epochs", "16")
 EPOCHS_32 = ("--epochs", "32")
 EPOCHS_64 = ("--epochs", "64")
+# the official schedule's shape: one lr decay x0.1 part-way (epoch 50 of 130 there; its
+# curves show PS pulling ahead only after it), here at epoch 16 of 32
+DECAY_AT_16_OF_32 = EPOCHS_32 + ("--lr-decay-step", "16", "--lr-decay-gamma", "0.1")
 SMALL_TRAIN_SET = ("--max-train-images", "4000") + EPOCHS_32
 SMALLER_TRAIN_SET = ("--max-train-images", "2000", "--epochs", "64")
 # 200 of the glyphs' characters, split in half: 100 training classes (4965 images) and
@@ -187,6 +190,13 @@ SUPPLEMENTARY_ROWS: List[Row] = [
     # eight times: the baseline still improved from 16 to 32 epochs, and the official
     # PS's harm was still shrinking
     *_with_and_without_ps("proxy_anchor", "epochs=64", EPOCHS_64),
+    *_with_and_without_ps("proxy_anchor", "epochs=32 decay@16", DECAY_AT_16_OF_32),
+    _ps_row(
+        "proxy_anchor",
+        "epochs=32 decay@16 exclude-parents real-only",
+        "proxy_anchor epochs=32 decay@16",
+        DECAY_AT_16_OF_32 + NEGATIVES_ONLY,
+    ),
     # PML's ArcFace and CosFace use scale 64; the official PS code's Norm-SoftMax uses 23
     # (README), and PS helped the softmax losses run at about that scale here
     *_with_and_without_ps("arcface", "scale=23", SCALE_23),
