@@ -197,6 +197,8 @@ SUPPLEMENTARY_ROWS: List[Row] = [
         "proxy_anchor epochs=32 decay@16",
         DECAY_AT_16_OF_32 + NEGATIVES_ONLY,
     ),
+    # the contrast: a loss PS helps at 8 epochs, trained four times as long
+    *_with_and_without_ps("normalized_softmax", "epochs=32", EPOCHS_32),
     # PML's ArcFace and CosFace use scale 64; the official PS code's Norm-SoftMax uses 23
     # (README), and PS helped the softmax losses run at about that scale here
     *_with_and_without_ps("arcface", "scale=23", SCALE_23),
