@@ -2,11 +2,8 @@
 meaningful if its "official" function computes what the wrapper computes, and if its two
 miner loops sample what they claim to."""
 
-import importlib.util
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,27 +14,14 @@ from scipy import stats
 from pml_proxysynth.losses import ProxySynthesisLoss
 
 from .. import TEST_DEVICE
+from . import BENCHMARKS, load_benchmark
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "cost.py"
+SCRIPT = BENCHMARKS / "cost.py"
 
 
 @pytest.fixture(scope="module")
 def bench():
-    # the script sets OMP_WAIT_POLICY for its own process; keep this one's as it was
-    saved = os.environ.get("OMP_WAIT_POLICY")
-    spec = importlib.util.spec_from_file_location("cost_benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    sys.path.insert(0, str(SCRIPT.parent))  # it imports accuracy.py from beside it
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(SCRIPT.parent))
-        if saved is None:
-            os.environ.pop("OMP_WAIT_POLICY", None)
-        else:
-            os.environ["OMP_WAIT_POLICY"] = saved
-    return module
+    return load_benchmark("cost")
 
 
 @pytest.mark.parametrize("mu", [0.5, 1.0, 2.0])
