@@ -9,7 +9,7 @@ import re
 import tempfile
 import unittest
 from pathlib import Path
-from typing import Dict, Iterator, List
+from typing import Dict, List
 
 import torch
 from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
@@ -38,17 +38,6 @@ def toy_dataset(num_classes: int = 100, per_class: int = 4):
     labels = torch.arange(num_classes).repeat_interleave(per_class)
     features = torch.randn(len(labels), IN_DIM)
     return torch.utils.data.TensorDataset(features, labels), labels
-
-
-@contextlib.contextmanager
-def working_directory(path: str) -> Iterator[None]:
-    """``contextlib.chdir`` of Python 3.11."""
-    saved = os.getcwd()
-    os.chdir(path)
-    try:
-        yield
-    finally:
-        os.chdir(saved)
 
 
 def train_briefly(namespace: Dict[str, object]) -> None:
@@ -126,7 +115,7 @@ class TestReadmeSnippets(unittest.TestCase):
         code = replaced(
             code, "accuracy_calculator=...", "accuracy_calculator=calculator"
         )
-        with tempfile.TemporaryDirectory() as tmp, working_directory(tmp):
+        with tempfile.TemporaryDirectory() as tmp, contextlib.chdir(tmp):
             exec(code, namespace)  # the tester saves nothing without a record keeper
         accuracies = namespace["accuracies"]
         self.assertEqual(set(accuracies), {"concat", "class", "more_shared"})
@@ -145,7 +134,7 @@ class TestReadmeSnippets(unittest.TestCase):
         from pytorch_metric_learning.utils.logging_presets import HookContainer
 
         namespace: Dict[str, object] = {}
-        with tempfile.TemporaryDirectory() as tmp, working_directory(tmp):
+        with tempfile.TemporaryDirectory() as tmp, contextlib.chdir(tmp):
             exec(block_with("build_hooks("), namespace)
             self.assertTrue(os.path.isdir(os.path.join("runs", "mine", "records")))
         self.assertIsInstance(namespace["hooks"], HookContainer)

@@ -69,6 +69,9 @@ DEFAULT_FONT_FILES: tuple[str, ...] = (
     "cmtt10.ttf",
 )
 
+#: The first matplotlib release that ships every default font (cmti10.ttf came in 3.11).
+DEFAULT_FONTS_MATPLOTLIB = "3.11"
+
 #: Font files never used (also not from ``extra_font_dirs``), with the reason.
 EXCLUDED_FONT_PATTERNS: dict[str, str] = {
     "cmex10.*": "maps ASCII code points to unrelated large delimiters (label noise)",
@@ -148,6 +151,12 @@ def _resolve_fonts(
         if reason is not None:
             raise ValueError(f"font_files: {name!r} is excluded: {reason}")
         path = mpl_dir / name
+        if font_files is None and not path.is_file():
+            raise ValueError(
+                f"the default font {name!r} is not in {mpl_dir}: the default fonts "
+                f"need matplotlib >= {DEFAULT_FONTS_MATPLOTLIB} (found "
+                f"{matplotlib.__version__}), or pass font_files"
+            )
         if os.path.basename(name) != name or not path.is_file():
             raise ValueError(f"font_files: {name!r} is not a font file in {mpl_dir}")
         paths.append(path)

@@ -478,6 +478,22 @@ class TestFonts(unittest.TestCase):
         for name in EXCLUDED_FILES:
             self.assertIsNotNone(glyphs.font_exclusion_reason(name), name)
 
+    def test_missing_default_font_names_the_matplotlib_version(self):
+        """An older matplotlib lacks cmti10.ttf: the error says which release is needed."""
+        mpl = matplotlib_font_dir()
+        with (
+            tempfile.TemporaryDirectory() as root,
+            tempfile.TemporaryDirectory() as old,
+        ):
+            for name in DEFAULT_FONT_FILES:
+                if name != "cmti10.ttf":
+                    shutil.copy(mpl / name, Path(old) / name)
+            with mock.patch.object(
+                glyphs, "matplotlib_font_dir", return_value=Path(old)
+            ):
+                with self.assertRaisesRegex(ValueError, r"cmti10.*matplotlib >= 3\.11"):
+                    Glyphs(root, "train")
+
     def test_extra_font_dirs_skip_excluded_and_duplicate_files(self):
         mpl = matplotlib_font_dir()
         with (
