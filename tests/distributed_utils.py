@@ -5,12 +5,15 @@ import gc
 import os
 import socket
 import tempfile
+import time
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 WORLD_SIZE = 2
+# each spawn() of these tests takes 5-25 s on a 2-core CPU
+SPAWN_TIMEOUT_S = 300
 
 
 def free_port() -> int:
@@ -56,14 +59,28 @@ def _run_rank(rank: int, worker, *args) -> None:
 def spawn(worker, *args) -> list:
     """Runs worker(rank, port, out_dir, *args) on WORLD_SIZE ranks; returns, in rank
     order, what each rank saved with :func:`save_result`. Each rank leaves its process
-    group when the worker returns."""
+    group when the worker returns.
+
+    A rank that raises ends the others and the error is re-raised here (``mp.spawn``).
+    Ranks that are still alive after ``SPAWN_TIMEOUT_S`` are killed and the test fails:
+    a rank that raised inside DDP's backward can leave both ranks waiting on each other
+    for good, past the process group's timeout (seen with torch 2.3), which would
+    otherwise hang the test run."""
     with tempfile.TemporaryDirectory() as out_dir:
-        mp.spawn(
+        context = mp.spawn(
             _run_rank,
             args=(worker, free_port(), out_dir, *args),
             nprocs=WORLD_SIZE,
-            join=True,
+            join=False,
         )
+        deadline = time.monotonic() + SPAWN_TIMEOUT_S
+        while not context.join(timeout=1):
+            if time.monotonic() > deadline:
+                for process in context.processes:
+                    process.kill()
+                raise TimeoutError(
+                    f"{worker.__name__}: ranks still running after {SPAWN_TIMEOUT_S} s"
+                )
         return [
             torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(WORLD_SIZE)
         ]
