@@ -151,13 +151,13 @@ def _resolve_fonts(
         if reason is not None:
             raise ValueError(f"font_files: {name!r} is excluded: {reason}")
         path = mpl_dir / name
-        if font_files is None and not path.is_file():
-            raise ValueError(
-                f"the default font {name!r} is not in {mpl_dir}: the default fonts "
-                f"need matplotlib >= {DEFAULT_FONTS_MATPLOTLIB} (found "
-                f"{matplotlib.__version__}), or pass font_files"
-            )
         if os.path.basename(name) != name or not path.is_file():
+            if font_files is None:
+                raise ValueError(
+                    f"the default font {name!r} is not in {mpl_dir}: the default fonts "
+                    f"need matplotlib >= {DEFAULT_FONTS_MATPLOTLIB} (found "
+                    f"{matplotlib.__version__}), or pass font_files"
+                )
             raise ValueError(f"font_files: {name!r} is not a font file in {mpl_dir}")
         paths.append(path)
     for folder in extra_font_dirs:
