@@ -255,6 +255,31 @@ def run_torchrun(script, *args):
     )  # fmt: skip
 
 
+@pytest.mark.parametrize("start_method", ["spawn", "forkserver"])
+def test_dataloader_workers_under_spawn_and_forkserver(tmp_path, start_method):
+    """The example run as a script with DataLoader workers (CUB's default is 4) under
+    the start methods of macOS and Windows (spawn) and of Linux from Python 3.14 on
+    (forkserver): the datasets, transforms and collate functions sent to the workers
+    must pickle, and the script must be importable by them. Every other test runs
+    without workers, where nothing is pickled."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(
+        "import multiprocessing\n"
+        f"multiprocessing.set_start_method({start_method!r}, force=True)\n"
+    )
+    out = tmp_path / "run"
+    flags = cub_args(make_cub(tmp_path / "data"), out, "--trunk", "small_conv", "--no-pretrained", "--no-plots")  # fmt: skip
+    flags[flags.index("--num-workers") + 1] = "2"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])}  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, str(EXAMPLE), *flags],
+        capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert accuracy_epochs(out) == [1]
+
+
 def test_torchrun_two_cpu_processes_rank_zero_writes(tmp_path):
     """torchrun --nproc_per_node=2 on CPU (gloo): trains, only rank 0 evaluates and
     writes, and --resume continues on both ranks."""
