@@ -12,7 +12,11 @@ import unittest
 import numpy as np
 import torch
 from pytorch_metric_learning.distances import CosineSimilarity, LpDistance
-from pytorch_metric_learning.losses import MarginLoss, TripletMarginLoss
+from pytorch_metric_learning.losses import (
+    CrossBatchMemory,
+    MarginLoss,
+    TripletMarginLoss,
+)
 from scipy import stats
 
 from pml_proxysynth.miners import SharedCharacteristicsMiner
@@ -573,6 +577,43 @@ class TestSharedCharacteristicsMinerEdgeCases(unittest.TestCase):
                 loss.backward()
                 self.assertTrue(torch.isfinite(loss))
             self.assertTrue(torch.all(torch.isfinite(emb.grad)))
+
+    def test_in_cross_batch_memory(self):
+        """PML's CrossBatchMemory mines each batch against its memory (ref_emb): the
+        triplets its loss receives (a in the batch, p and n in the memory) keep the
+        class constraint, and the loss is the triplet formula on them."""
+
+        margin, seen = 0.1, []  # seen: the inner loss's positional arguments
+        for dtype in TEST_DTYPES:
+            torch.manual_seed(0)
+            inner = TripletMarginLoss(margin=margin)
+            inner.register_forward_pre_hook(lambda _, args: seen.append(args))
+            memory = CrossBatchMemory(
+                inner, embedding_size=8, memory_size=24,
+                miner=SharedCharacteristicsMiner(),
+            )  # fmt: skip
+            for _ in range(3):  # the third batch overwrites the memory's oldest rows
+                emb = torch.randn(16, 8, dtype=dtype, device=TEST_DEVICE)
+                emb.requires_grad_(True)
+                labels = torch.randint(0, 6, (16,), device=TEST_DEVICE)
+                loss = memory(emb, labels)
+                loss.backward()
+                _, _, (a, p, n), ref_emb, ref_labels = seen[-1]
+                self.assertGreater(len(a), 0)
+                self.assertTrue(bool((a < len(emb)).all()))
+                y_a, y_p, y_n = labels[a], ref_labels[p], ref_labels[n]
+                self.assertTrue(
+                    bool(((y_a != y_p) & (y_a != y_n) & (y_p != y_n)).all())
+                )
+                x = torch.nn.functional.normalize(emb.detach().double(), dim=1)
+                r = torch.nn.functional.normalize(ref_emb.detach().double(), dim=1)
+                d_ap = (x[a] - r[p]).norm(dim=1)
+                d_an = (x[a] - r[n]).norm(dim=1)
+                hinge = torch.relu(d_ap - d_an + margin)
+                expected = hinge[hinge > 0].mean() if (hinge > 0).any() else 0.0
+                tol = 1e-2 if dtype == torch.float16 else 1e-5
+                self.assertAlmostEqual(float(loss.detach()), float(expected), delta=tol)
+                self.assertTrue(bool(torch.isfinite(emb.grad).all()))
 
 
 class TestSharedCharacteristicsMinerStats(unittest.TestCase):
