@@ -309,7 +309,7 @@ SUPPLEMENTARY_ROWS: List[Row] = [
     *_with_and_without_shared("m=2", M_PER_CLASS_2),
     # the shared head with one of DiVA's other settings (algorithms.md B.4, B.9): the
     # adversarial decorrelation of the heads, a lower shared-loss weight, the
-    # label-shuffle miner
+    # label-shuffle miner; and the paper's distance-weighted positive
     *(
         Row(
             f"margin+shared m=2 {tag}",
@@ -323,6 +323,7 @@ SUPPLEMENTARY_ROWS: List[Row] = [
             ("rho=300", ("--decorrelation-rho", "300")),
             ("weight=0.1", ("--shared-weight", "0.1")),
             ("random", ("--shared-strategy", "random")),
+            ("full", ("--shared-strategy", "full")),
         )
     ),
     # the shared head, alone and with PS over ProxyAnchor, on the CUB-sized task
