@@ -271,7 +271,8 @@ def test_dataloader_workers_under_spawn_and_forkserver(tmp_path, start_method):
     out = tmp_path / "run"
     flags = cub_args(make_cub(tmp_path / "data"), out, "--trunk", "small_conv", "--no-pretrained", "--no-plots")  # fmt: skip
     flags[flags.index("--num-workers") + 1] = "2"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])}  # fmt: skip
+    path = [str(site), *filter(None, [os.environ.get("PYTHONPATH")])]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
     proc = subprocess.run(
         [sys.executable, str(EXAMPLE), *flags],
         capture_output=True, text=True, env=env, timeout=300,

@@ -582,7 +582,6 @@ class TestSharedCharacteristicsMinerEdgeCases(unittest.TestCase):
         """PML's CrossBatchMemory mines each batch against its memory (ref_emb): the
         triplets its loss receives (a in the batch, p and n in the memory) keep the
         class constraint, and the loss is the triplet formula on them."""
-
         margin, seen = 0.1, []  # seen: the inner loss's positional arguments
         for dtype in TEST_DTYPES:
             torch.manual_seed(0)
