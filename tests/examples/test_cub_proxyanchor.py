@@ -269,8 +269,7 @@ def test_dataloader_workers_under_spawn_and_forkserver(tmp_path, start_method):
         f"multiprocessing.set_start_method({start_method!r}, force=True)\n"
     )
     out = tmp_path / "run"
-    flags = cub_args(make_cub(tmp_path / "data"), out, "--trunk", "small_conv", "--no-pretrained", "--no-plots")  # fmt: skip
-    flags[flags.index("--num-workers") + 1] = "2"
+    flags = cub_args(make_cub(tmp_path / "data"), out, "--trunk", "small_conv", "--no-pretrained", "--no-plots", "--num-workers", "2")  # fmt: skip
     path = [str(site), *filter(None, [os.environ.get("PYTHONPATH")])]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
     proc = subprocess.run(
