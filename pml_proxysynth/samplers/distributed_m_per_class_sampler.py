@@ -14,9 +14,9 @@ class DistributedMPerClassSampler(Sampler[int]):
     """Splits each batch of PML's ``MPerClassSampler`` across the ranks.
 
     Every rank draws the same global batches of ``num_replicas * batch_size`` indices (m
-    per class, from ``seed`` and the epoch, as ``DistributedSampler`` does) and yields its
-    own block of ``batch_size`` from each; ``batch_size`` is a multiple of m, so each
-    class's m rows land on one rank. What PML's distributed wrappers gather is then one
+    per class, from ``seed`` and the epoch only, as ``DistributedSampler`` does) and
+    yields its own block of ``batch_size`` from each; ``batch_size`` is a multiple of m,
+    so each class's m rows land on one rank. What PML's distributed wrappers gather is then one
     ``MPerClassSampler`` batch, as in a single process with the global batch size.
     Independent per-rank samplers would not give that: their classes could repeat across
     ranks, and nothing would keep their draws apart.
@@ -49,6 +49,11 @@ class DistributedMPerClassSampler(Sampler[int]):
                 )
             num_replicas = torch.distributed.get_world_size()
             rank = torch.distributed.get_rank()
+        for name, value in (("m", m), ("batch_size", batch_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        if num_replicas < 1:
+            raise ValueError(f"num_replicas must be >= 1, got {num_replicas}")
         if not 0 <= rank < num_replicas:
             raise ValueError(f"rank must lie in [0, {num_replicas}), got {rank}")
         if batch_size % m:
@@ -61,27 +66,43 @@ class DistributedMPerClassSampler(Sampler[int]):
                 f"length_before_new_iter ({length_before_new_iter}) must be at least "
                 f"batch_size ({batch_size})"
             )
+        self.labels = np.asarray(labels)
+        num_classes = len(np.unique(self.labels))
+        if m * num_classes < batch_size * num_replicas:
+            raise ValueError(
+                f"the global batch ({num_replicas} ranks x batch_size {batch_size}) needs "
+                f"{batch_size * num_replicas // m} classes of m = {m} rows, but the "
+                f"labels have {num_classes} classes"
+            )
+        self.m, self.length_before_new_iter = m, length_before_new_iter
         self.num_replicas, self.rank, self.seed = num_replicas, rank, seed
         self.batch_size, self.epoch = batch_size, 0
-        self.sampler = MPerClassSampler(
-            np.asarray(labels),
-            m=m,
-            batch_size=batch_size * num_replicas,
-            length_before_new_iter=length_before_new_iter * num_replicas,
-        )
 
     def set_epoch(self, epoch: int) -> None:
         """Like ``DistributedSampler.set_epoch``: new draws for each epoch."""
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return len(self.sampler) // self.num_replicas
+        return (
+            self.length_before_new_iter - self.length_before_new_iter % self.batch_size
+        )
 
     def __iter__(self) -> Iterator[int]:
+        # a new MPerClassSampler each time: it shuffles its class list in place, so a
+        # reused one would make the draws depend on how often it was iterated before
         with _numpy_random(np.random.RandomState([self.seed, self.epoch])):
-            indices = torch.as_tensor(list(self.sampler))
+            indices = torch.as_tensor(list(self._global_sampler()))
         blocks = indices.reshape(-1, self.num_replicas, self.batch_size)
         return iter(blocks[:, self.rank].reshape(-1).tolist())
+
+    def _global_sampler(self) -> MPerClassSampler:
+        """PML's sampler of the global batches (all ranks' rows)."""
+        return MPerClassSampler(
+            self.labels,
+            m=self.m,
+            batch_size=self.batch_size * self.num_replicas,
+            length_before_new_iter=self.length_before_new_iter * self.num_replicas,
+        )
 
 
 @contextlib.contextmanager

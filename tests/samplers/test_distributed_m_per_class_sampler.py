@@ -61,6 +61,19 @@ class TestDistributedMPerClassSampler(unittest.TestCase):
             s.set_epoch(1)
         self.assertNotEqual(first, [list(s) for s in moved])
 
+    def test_draws_depend_on_seed_and_epoch_only(self):
+        """An epoch's draws do not depend on earlier iterations (a resumed run draws
+        what an uninterrupted one does, and an extra pass on one rank cannot put the
+        ranks out of step)."""
+        labels = make_labels()
+        fresh = rank_samplers(labels)[0]
+        fresh.set_epoch(1)
+        used = rank_samplers(labels)[0]
+        list(used)
+        used.set_epoch(1)
+        list(used)
+        self.assertEqual(list(fresh), list(used))
+
     def test_len_and_pml_rng_untouched(self):
         saved = c_f.NUMPY_RANDOM
         state = np.random.get_state()[1].copy()
@@ -76,6 +89,11 @@ class TestDistributedMPerClassSampler(unittest.TestCase):
             (dict(batch_size=5), "multiple of m"),
             (dict(length_before_new_iter=2), "at least batch_size"),
             (dict(rank=3), r"rank must lie in \[0, 3\)"),
+            (dict(m=0), "m must be an int >= 1"),
+            (dict(batch_size=0), "batch_size must be an int >= 1"),
+            (dict(num_replicas=0), "num_replicas must be >= 1"),
+            # 10 classes of m = 2 rows fill a global batch of 20 at most, not 3 x 8
+            (dict(batch_size=8), r"3 ranks x batch_size 8\) needs 12 classes"),
             (dict(num_replicas=None), "process group"),
         ]
         for change, message in cases:
