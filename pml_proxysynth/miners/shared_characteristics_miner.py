@@ -42,8 +42,11 @@ class SharedCharacteristicsMiner(BaseMiner):
     are randomly permuted over positions (one permutation per call), then p is uniform
     among the other rows with the anchor's pseudo-label and n distance-weighted among rows
     with a different pseudo-label. In true labels this allows y_a == y_p and even
-    y_a == y_n; only p != a (as a row of the same batch) is guaranteed. With a separate
-    ``ref_emb``, the labels of the query and reference rows are shuffled together.
+    y_a == y_n. With a separate ``ref_emb``, the labels of the query and reference rows
+    are shuffled together. A reference row of the anchor's class at a distance below 1e-3
+    counts as the anchor itself (its own row, its copy in ``CrossBatchMemory``'s memory
+    or ``DistributedMinerWrapper``'s gathered rows, or an exact duplicate) and is never
+    its p or n.
 
     Anchors that cannot be served (fewer than two other classes for standard/full, or no
     pseudo-label partner for random, or no negative below ``nonzero_loss_cutoff``) produce
@@ -150,6 +153,14 @@ class SharedCharacteristicsMiner(BaseMiner):
         far = None
         if self.nonzero_loss_cutoff is not None:
             far = sim <= 1.0 - self.nonzero_loss_cutoff**2 / 2.0
+        if self.strategy == "random":
+            # the anchor's own rows may get another pseudo-label; at distance ~0 one
+            # would be its likeliest negative
+            itself = (sim >= 1.0 - _DIST_EPS**2 / 2.0) & (
+                labels.unsqueeze(1) == ref_labels.unsqueeze(0)
+            )
+            if same_ref:
+                itself.fill_diagonal_(True)
         log_w = self._log_weights(sim, embeddings.shape[1])  # sim is overwritten
 
         if self.strategy == "random":
@@ -165,14 +176,14 @@ class SharedCharacteristicsMiner(BaseMiner):
         # negative: distance-weighted over the other (pseudo-)classes; log_w is only
         # needed again by "full", so the others mask it in place
         banned = same if far is None else same | far
+        if self.strategy == "random":
+            banned = banned | itself
         neg_w = _masked_weights(log_w, banned, inplace=self.strategy != "full")
-        n_idx, has_n = self._sample(neg_w, k)
-        n_idx = n_idx.reshape(-1)
+        n_idx, has_n = self._sample(neg_w, k, banned)
+        n_idx, has_n = n_idx.reshape(-1), has_n.reshape(-1)
 
         if self.strategy == "random":
-            if same_ref:  # a row is never its own positive
-                same.fill_diagonal_(False)
-            p_idx, has_p = self._sample_uniform(same, k)
+            p_idx, has_p = self._sample_uniform(same & ~itself, k)
         elif self.strategy == "standard":
             p_idx, has_p = self._sample_third_class(
                 same, a_idx, y_a, ref_labels[n_idx], ref_labels
@@ -184,12 +195,8 @@ class SharedCharacteristicsMiner(BaseMiner):
                 ref_labels.unsqueeze(0) == ref_labels[n_idx].unsqueeze(1)
             )
             pos_w = _masked_weights(log_w if k == 1 else log_w[a_idx], banned, True)
-            p_idx, has_p = self._sample(pos_w, 1)
-        p_idx = p_idx.reshape(-1)
-        if k > 1:
-            has_n = has_n.repeat_interleave(k)
-            if self.strategy == "random":
-                has_p = has_p.repeat_interleave(k)
+            p_idx, has_p = self._sample(pos_w, 1, banned)
+        p_idx, has_p = p_idx.reshape(-1), has_p.reshape(-1)
 
         keep = has_n & has_p
         if not bool(keep.all()):
@@ -233,15 +240,17 @@ class SharedCharacteristicsMiner(BaseMiner):
         return shuffled[: len(labels)], shuffled[len(labels) :]
 
     def _sample(
-        self, weights: torch.Tensor, num_samples: int
+        self, weights: torch.Tensor, num_samples: int, banned: torch.Tensor
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """Draws ``num_samples`` column indices per row, proportional to ``weights``.
 
         Inverse-CDF sampling: a uniform u in [0, total) is located in the row's cumulative
-        sums with searchsorted (first cumsum > u), so zero-weight columns are never drawn.
-        Returns the [R, num_samples] indices and a [R] mask of rows with positive total
-        (not the NaN rows of ``_masked_weights``); indices of the other rows are
-        meaningless (but in range). Overwrites ``weights``.
+        sums with searchsorted (first cumsum > u), so zero-weight columns are not drawn.
+        Returns the [R, num_samples] indices and a mask of the valid draws: from rows with
+        positive total (not the NaN rows of ``_masked_weights``), on columns that are not
+        ``banned`` (the weights' zeros). The second check costs one gather and keeps the
+        class constraint where a parallel scan (CUDA's cumsum) rounds a zero-weight
+        column's cumulative sum above its predecessor's. Overwrites ``weights``.
         """
         cdf = weights.cumsum_(dim=1)  # weights are not needed afterwards
         total = cdf[:, -1:]
@@ -254,7 +263,7 @@ class SharedCharacteristicsMiner(BaseMiner):
         # rand * total can round up to total; keep u strictly below it
         u = torch.minimum(u, torch.nextafter(total, torch.zeros_like(total)))
         idx = torch.searchsorted(cdf, u, right=True).clamp_(max=weights.shape[1] - 1)
-        return idx, total.squeeze(1) > 0
+        return idx, (total > 0) & ~banned.gather(1, idx)
 
     def _sample_uniform(
         self, mask: torch.Tensor, num_samples: int
@@ -272,7 +281,7 @@ class SharedCharacteristicsMiner(BaseMiner):
         # floor(u * count); the float product can round up to count, hence the clamp
         r = torch.minimum(u.mul_(count).long(), count - 1)
         idx = torch.searchsorted(cdf, r, right=True).clamp_(max=mask.shape[1] - 1)
-        return idx, count.squeeze(1) > 0
+        return idx, (count > 0).expand_as(idx)
 
     def _sample_third_class(
         self,
@@ -307,7 +316,7 @@ class SharedCharacteristicsMiner(BaseMiner):
             )
             p_miss, found_miss = self._sample_uniform(~banned, 1)
             p_idx[miss] = p_miss.squeeze(1)
-            found[miss] = found_miss
+            found[miss] = found_miss.squeeze(1)
         return p_idx, found
 
     def _set_stats(
