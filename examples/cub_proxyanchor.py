@@ -24,6 +24,7 @@ import inspect
 import json
 import logging
 import os
+import random
 import shutil
 import sys
 import tarfile
@@ -83,6 +84,8 @@ logger = logging.getLogger("cub_proxyanchor")
 
 CUB_DIR = "CUB_200_2011"
 CUB_URL = datasets.CUB.DOWNLOAD_URL
+# the files PML's datasets.CUB reads in CUB_200_2011/ (besides the images)
+CUB_FILES = ("images.txt", "image_class_labels.txt")
 TEST_SPLIT = "test"
 # With --shared-head, weightings (class, shared) of the two heads scored besides the
 # tester's plain concatenation: the class head alone, and DiVA's other two weightings
@@ -129,6 +132,7 @@ STRUCTURAL_OPTIONS = (
     "max_train_images",
     "glyphs_option",
     "world_size",  # a torchrun run's loss checkpoint is DistributedLossWrapper's
+    "ps",  # ProxySynthesisLoss saves its inner loss's proxies as loss.proxies
 )
 
 
@@ -222,8 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "characters rendered from matplotlib's fonts (offline). Defaults "
                         "marked (cub) apply to cars196 and sop too")
     g.add_argument("--data-root", default="data",
-                   help="folder that holds CUB_200_2011/ (downloaded there when the "
-                        "folder is missing or empty), or the glyphs cache")
+                   help="folder that holds CUB_200_2011/ (downloaded there when it is "
+                        "missing), or the glyphs cache")
     g.add_argument("--no-download", action="store_true",
                    help="never download CUB or render glyphs; fail if they are missing")
     g.add_argument("--glyphs-option", type=_key_value, action="append", default=[],
@@ -239,8 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "symmetric)")
     g.add_argument("--test-resize-ratio", type=pos_float,
                    default=PerDataset(cub=256 / 224, glyphs=1.0),
-                   help="test images are resized to image-size x this, then "
-                        "centre-cropped")
+                   help="test images are resized to image-size x this (at least 1), "
+                        "then centre-cropped")
     g.add_argument("--max-train-images", type=pos_int,
                    help="train on a random subset of this many images (quick runs)")
     g.add_argument("--max-test-images", type=pos_int,
@@ -347,7 +351,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("evaluation and output")
     g.add_argument("--test-interval", type=pos_int, default=1,
-                   help="evaluate (and save checkpoints) every this many epochs")
+                   help="evaluate (and save checkpoints) every this many epochs; "
+                        "--epochs must be a multiple of it")
     g.add_argument("--patience", type=nonneg_int,
                    help="stop when the primary metric has not improved for this many "
                         "epochs (default: never)")
@@ -362,7 +367,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="everything a run writes: models/, records/, tensorboard/, "
                         "config.json, results.json, *.png (default: runs/<dataset>)")
     g.add_argument("--resume", action="store_true",
-                   help="continue the run in --output-dir from its latest checkpoint")
+                   help="continue the run in --output-dir from its latest checkpoint "
+                        "(weights, optimizers, schedulers and random number generators)")
     g.add_argument("--overwrite", action="store_true",
                    help="start over in an --output-dir that holds a run (deletes it)")
     g.add_argument("--log-freq", type=pos_int, default=10,
@@ -390,6 +396,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     """Parses ``argv``, fills in the dataset-dependent defaults and checks combinations."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    pretrained_by_default = isinstance(args.pretrained, PerDataset)
     for name, value in vars(args).items():
         if isinstance(value, PerDataset):
             setattr(args, name, value.values.get(args.dataset, value.values["cub"]))
@@ -412,8 +419,14 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         (bool(unknown), f"--glyphs-option: unknown key(s) {', '.join(unknown)}; known: "
                         f"{', '.join(sorted(known_glyphs_options))} (and --image-size)"),
         (args.pretrained and args.trunk == "small_conv",
-         "--pretrained: there are no pretrained weights for --trunk small_conv"),
+         f"--trunk small_conv has no pretrained weights, and --dataset {args.dataset} "
+         "starts from pretrained ones by default: add --no-pretrained"
+         if pretrained_by_default
+         else "--pretrained: there are no pretrained weights for --trunk small_conv"),
         (args.crop_scale > 1, "--crop-scale must be in (0, 1]"),
+        (args.test_resize_ratio < 1,
+         f"--test-resize-ratio must be at least 1, got {args.test_resize_ratio:g} (the "
+         "test images are resized to --image-size x this, then centre-cropped)"),
         (args.image_size < 16, "--image-size must be at least 16"),
         (args.batch_size < 2, "--batch-size must be at least 2"),
         (args.sampler == "m_per_class" and args.batch_size % args.m_per_class != 0,
@@ -422,6 +435,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         (args.warmup_epochs >= args.epochs,
          f"--warmup-epochs ({args.warmup_epochs}) must be smaller than --epochs "
          f"({args.epochs}): the trunk would never train"),
+        # PML's hook evaluates and saves only when epoch % test_interval == 0: later
+        # epochs would be trained and thrown away
+        (args.epochs % args.test_interval != 0,
+         f"--epochs ({args.epochs}) must be a multiple of --test-interval "
+         f"({args.test_interval}): the last epochs would be neither evaluated nor saved"),
         (args.resume and args.overwrite, "--resume and --overwrite exclude each other"),
         (args.decorrelation_rho > 0 and not args.shared_head,
          "--decorrelation-rho needs --shared-head"),
@@ -483,7 +501,7 @@ def build_transforms(args: argparse.Namespace) -> Tuple[Any, Any]:
     train += [T.ToTensor(), T.Normalize(mean, std)]
     test = [
         ConvertMode(mode),
-        T.Resize(max(size, round(size * args.test_resize_ratio))),
+        T.Resize(round(size * args.test_resize_ratio)),
         T.CenterCrop(size),
         T.ToTensor(),
         T.Normalize(mean, std),
@@ -553,36 +571,49 @@ def _cub_missing_message(root: str, reason: str = "") -> str:
         f"  - download {CUB_URL} (1.1 GB) and unpack it into {root}:\n"
         f"      mkdir -p {root} && tar -xzf CUB_200_2011.tgz -C {root}\n"
         "  - or run where the network is reachable, without --no-download: the archive is "
-        "downloaded into --data-root when that folder is missing or empty\n"
+        f"downloaded and unpacked into --data-root when {CUB_DIR}/ is missing there\n"
         "  - or point --data-root at the folder that holds CUB_200_2011/\n"
         "  - or try the example offline on rendered glyphs: --dataset glyphs"
     )
 
 
 def ensure_cub(root: str, download: bool = True) -> None:
-    """Makes sure ``root/CUB_200_2011`` exists, downloading it if allowed; else SetupError."""
-    if os.path.isfile(os.path.join(root, CUB_DIR, "images.txt")):
-        return
-    if not download:
-        raise SetupError(_cub_missing_message(root, " (and --no-download is set)"))
-    if os.path.isdir(root) and os.listdir(root):
+    """Makes sure ``root/CUB_200_2011`` holds the files PML's CUB reads, downloading the
+    archive when that folder is missing (and allowed); else SetupError."""
+    folder = os.path.join(root, CUB_DIR)
+    if not os.path.isdir(folder):
+        if not download:
+            raise SetupError(_cub_missing_message(root, " (and --no-download is set)"))
+        download_cub(root)
+    missing = [f for f in CUB_FILES if not os.path.isfile(os.path.join(folder, f))]
+    if missing:
         raise SetupError(
-            _cub_missing_message(
-                root,
-                f", and {root} is not empty, so the archive is not downloaded there",
-            )
+            f"CUB-200-2011 in {folder} is incomplete: "
+            f"{', '.join(os.path.join(folder, f) for f in missing)} missing. "
+            f"Re-extract CUB_200_2011.tgz into {root} (or delete {folder} to have it "
+            "downloaded again)."
         )
+
+
+def download_cub(root: str) -> None:
+    """Downloads and unpacks CUB-200-2011 into ``root`` with PML's ``datasets.CUB``,
+    which downloads only into a missing or empty folder: so into a fresh folder in
+    ``root``, from where ``CUB_200_2011/`` is moved into ``root`` (other entries of
+    ``root``, e.g. the glyphs cache, are left alone)."""
     logger.info("Downloading CUB-200-2011 into %s", root)
+    staging = os.path.join(root, f".{CUB_DIR}.download")
+    shutil.rmtree(staging, ignore_errors=True)  # left by an interrupted download
+    os.makedirs(root, exist_ok=True)
     try:
-        CUB(root, split="train", download=True)
+        datasets.CUB(staging, split="train", download=True)
+        os.replace(os.path.join(staging, CUB_DIR), os.path.join(root, CUB_DIR))
     except (OSError, tarfile.TarError, ValueError) as e:
-        archive = os.path.join(root, os.path.basename(CUB_URL))
-        if os.path.exists(archive):
-            os.remove(archive)  # a partial download
         reason = e.reason if isinstance(e, urllib.error.URLError) else e
         raise SetupError(
             _cub_missing_message(root, f"; downloading failed ({reason})")
         ) from e
+    finally:  # the archive of a failed download, the archive's other files
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 class LabelledSubset(torch.utils.data.Subset):
@@ -1131,6 +1162,18 @@ def plot_synthetic_batch(
     plot_synthesis(synthesis, path, seed=args.seed)
 
 
+def iterations_per_epoch(trainer) -> int:
+    """--iterations-per-epoch, else the length of the trainer's dataloader (PML sets
+    ``trainer.iterations_per_epoch`` only in ``train()``, not run by a resumed run that
+    has nothing left to train)."""
+    if trainer.iterations_per_epoch:
+        return trainer.iterations_per_epoch
+    loader = c_f.get_train_dataloader(
+        trainer.dataset, trainer.batch_size, trainer.sampler, 0, trainer.collate_fn
+    )
+    return len(loader)
+
+
 def make_figures(args, hooks, tester, trainer, loss_setup, train_dataset, test_dataset):
     """learning_curves.png, test_embeddings.png and synthetic_batch.png in --output-dir."""
     try:
@@ -1145,7 +1188,7 @@ def make_figures(args, hooks, tester, trainer, loss_setup, train_dataset, test_d
         hooks.get_loss_history(),
         hooks.get_accuracy_history(tester, TEST_SPLIT, return_all_metrics=True),
         os.path.join(out, "learning_curves.png"),
-        iterations_per_epoch=trainer.iterations_per_epoch or 1,
+        iterations_per_epoch=iterations_per_epoch(trainer),
     )
     plot_test_embeddings(
         tester,
@@ -1241,11 +1284,79 @@ class _quiet_pml:
 
 
 def seed_everything(seed: int) -> None:
-    import random
-
     random.seed(seed)
     np.random.seed(seed)  # MPerClassSampler draws from numpy's global RNG
     torch.manual_seed(seed)
+
+
+class RNGState:
+    """The random number generators, saved and loaded like a model (``state_dict``):
+    torch's (CPU, and the current CUDA device once CUDA is in use), numpy's global one
+    (PML's samplers draw from it through ``c_f.NUMPY_RANDOM``) and python's. Restored
+    on --resume, they make the resumed epochs draw the batches, augmentations and Proxy
+    Synthesis pairs of an uninterrupted run."""
+
+    def state_dict(self) -> Dict[str, Any]:
+        kind, key, pos, has_gauss, gauss = np.random.get_state()
+        state = {
+            "torch": torch.get_rng_state(),
+            # numpy's state as a tensor and numbers: torch.load(weights_only=True) reads it
+            "numpy": (
+                kind,
+                torch.from_numpy(key.astype(np.int64)),
+                pos,
+                has_gauss,
+                gauss,
+            ),
+            "python": random.getstate(),
+        }
+        if torch.cuda.is_initialized():
+            state["cuda"] = torch.cuda.get_rng_state()
+        return state
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        # PML's loader maps the tensors to the run's device; RNG states live on the CPU
+        torch.set_rng_state(state["torch"].cpu())
+        kind, key, pos, has_gauss, gauss = state["numpy"]
+        np.random.set_state(
+            (kind, key.cpu().numpy().astype(np.uint32), pos, has_gauss, gauss)
+        )
+        random.setstate(state["python"])
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state(state["cuda"].cpu())
+
+
+def add_run_state(trainer, hooks: logging_presets.HookContainer) -> None:
+    """Makes PML's hooks save (with every checkpoint) and load what they do not know of:
+    the RNG states (``rng_state_<epoch>.pth``) and, with --amp on CUDA, the GradScaler's
+    loss scale (``grad_scaler_<epoch>.pth``)."""
+    trainer.run_state = {"rng_state": RNGState()}
+    scaler = getattr(trainer, "grad_scaler", None)
+    if scaler is not None and scaler.is_enabled():
+        trainer.run_state["grad_scaler"] = scaler
+    if "run_state" not in hooks.saveable_trainer_objects:
+        hooks.saveable_trainer_objects.append("run_state")
+
+
+def check_checkpoint(hooks, trainer, model_folder: str) -> None:
+    """SetupError unless the latest checkpoint in ``model_folder`` has a file for every
+    object PML's hooks load: their loader only logs a missing file and goes on with the
+    freshly initialised object."""
+    epoch, suffix = c_f.latest_version(model_folder, "trunk_*.pth")
+    if epoch == 0:
+        raise SetupError(f"--resume: no trunk_<epoch>.pth in {model_folder}")
+    paths = [
+        c_f.modelpath_creator(model_folder, key, suffix)
+        for name in hooks.saveable_trainer_objects
+        for key in getattr(trainer, name, None) or {}
+    ]
+    missing = [os.path.basename(path) for path in paths if not os.path.isfile(path)]
+    if missing:
+        raise SetupError(
+            f"--resume: the checkpoint of epoch {epoch} in {model_folder} is incomplete: "
+            f"{', '.join(missing)} missing. Put the file(s) back, or start over with "
+            "--overwrite."
+        )
 
 
 def prepare_output_dir(args: argparse.Namespace) -> str:
@@ -1282,6 +1393,16 @@ def prepare_output_dir(args: argparse.Namespace) -> str:
     return model_folder
 
 
+def _as_flag(option: str, value: Any) -> str:
+    """How the command line said ``option=value``: "--embedding-size 16", "--no-ps"."""
+    flag = "--" + option.replace("_", "-")
+    if option == "ps":
+        return "without --no-ps" if value else "--no-ps"
+    if isinstance(value, bool):
+        return flag if value else f"without {flag}"
+    return f"{flag} {value!r}"
+
+
 def _check_resumable(args: argparse.Namespace) -> None:
     path = os.path.join(args.output_dir, "config.json")
     if not os.path.isfile(path):
@@ -1297,7 +1418,7 @@ def _check_resumable(args: argparse.Namespace) -> None:
             "--resume: the run in {} was made with other {}: {}".format(
                 args.output_dir,
                 "options" if len(changed) > 1 else "option",
-                ", ".join(f"--{k.replace('_', '-')} {saved[k]!r}" for k in changed),
+                ", ".join(_as_flag(k, saved[k]) for k in changed),
             )
         )
 
@@ -1429,12 +1550,14 @@ def _run(args: argparse.Namespace, rank: int) -> Dict[str, Any]:
         end_of_iteration_hook=hooks.end_of_iteration_hook if rank == 0 else None,
         end_of_epoch_hook=end_of_epoch,
     )
+    add_run_state(trainer, hooks)
     start_epoch = 1
     if args.resume:
         # PML saves a DDP model's module: load into the unwrapped models
         saved_objects = copy.copy(trainer)
         saved_objects.models = unwrapped(trainer.models)
         saved_objects.loss_funcs = unwrapped(trainer.loss_funcs)
+        check_checkpoint(hooks, saved_objects, model_folder)
         with _quiet_pml():
             start_epoch = hooks.load_latest_saved_models(
                 saved_objects, model_folder, args.device

@@ -147,6 +147,12 @@ def glyphs_args(root, out, *extra):
     return ["--dataset", "glyphs", "--data-root", str(root), *GLYPHS_OPTIONS, *quick(out, *extra)]  # fmt: skip
 
 
+def without_iterations_per_epoch(flags):
+    """``flags`` without --iterations-per-epoch: every epoch is one pass over the data."""
+    i = flags.index("--iterations-per-epoch")
+    return flags[:i] + flags[i + 2 :]
+
+
 def accuracy_epochs(out):
     with sqlite3.connect(os.path.join(out, "records", "logs.db")) as db:
         (table,) = [
@@ -243,6 +249,82 @@ def test_resume_after_interruption_restores_proxies_and_optimizer(
     for key, value in param_state.items():
         assert torch.equal(torch.as_tensor(resumed_state[key]), torch.as_tensor(value))
     assert param_state["step"] > 0
+
+
+def test_resumed_run_equals_uninterrupted_run(ex, cub_root, tmp_path):
+    """The RNG states are saved with each checkpoint: 1 epoch + --resume to 2 epochs
+    draws the batches, flips and Proxy Synthesis pairs of 2 uninterrupted epochs, and
+    ends with the same weights."""
+
+    def run(out, *extra):
+        flags = cub_args(cub_root, out, "--trunk", "small_conv", "--no-pretrained",
+                         "--no-plots", "--batch-size", "4", *extra)  # fmt: skip
+        return ex.main(without_iterations_per_epoch(flags))
+
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    assert run(full, "--epochs", "2") == 0
+    assert run(resumed, "--epochs", "1") == 0
+    assert "rng_state_1.pth" in os.listdir(resumed / "models")
+    assert run(resumed, "--epochs", "2", "--resume") == 0
+    for key in ("trunk", "embedder", "metric_loss"):
+        expected = torch.load(full / "models" / f"{key}_2.pth")
+        got = torch.load(resumed / "models" / f"{key}_2.pth")
+        assert expected.keys() == got.keys()
+        for name, value in expected.items():
+            assert torch.equal(got[name], value), (key, name)
+
+
+def test_resume_with_a_missing_checkpoint_file_is_one_message(ex, cub_root, tmp_path, capsys):  # fmt: skip
+    """PML's loader only logs a missing file (and the run would go on with fresh
+    proxies): the example names it and stops."""
+    out = tmp_path / "run"
+    flags = cub_args(cub_root, out, "--trunk", "small_conv", "--no-pretrained", "--no-plots")  # fmt: skip
+    assert ex.main(flags) == 0
+    (out / "models" / "metric_loss_1.pth").unlink()
+    capsys.readouterr()
+    assert ex.main(flags + ["--resume", "--epochs", "2"]) == 1
+    err = capsys.readouterr().err
+    assert "metric_loss_1.pth missing" in err and "Traceback" not in err
+    assert accuracy_epochs(out) == [1]
+
+
+def test_checkpoint_keeps_the_grad_scaler_state(ex, tmp_path):
+    """With --amp on CUDA the GradScaler's loss scale is saved and loaded with the
+    checkpoint (here a CPU GradScaler stands in for the CUDA one)."""
+    from types import SimpleNamespace
+
+    from pytorch_metric_learning.utils.logging_presets import HookContainer
+
+    def trainer(scale):
+        scaler = torch.amp.GradScaler("cpu", init_scale=scale)
+        return SimpleNamespace(models={"trunk": torch.nn.Linear(2, 2)}, grad_scaler=scaler)  # fmt: skip
+
+    saved, hooks = trainer(8.0), HookContainer(None)
+    ex.add_run_state(saved, hooks)
+    hooks.save_models(saved, str(tmp_path), 1)
+    assert {"grad_scaler_1.pth", "rng_state_1.pth"} <= set(os.listdir(tmp_path))
+    resumed, hooks = trainer(2.0**16), HookContainer(None)
+    ex.add_run_state(resumed, hooks)
+    assert hooks.load_latest_saved_models(resumed, str(tmp_path), "cpu") == 2
+    assert resumed.grad_scaler.get_scale() == 8.0
+
+
+def test_learning_curves_of_a_resumed_run_with_nothing_to_train(ex, cub_root, tmp_path, monkeypatch):  # fmt: skip
+    """The figure's epoch axis divides iterations by the dataloader's length, which PML
+    knows only after train(); a resume with nothing left to train does not run it."""
+    flags = without_iterations_per_epoch(
+        cub_args(cub_root, tmp_path / "run", "--trunk", "small_conv", "--no-pretrained",
+                 "--batch-size", "4")
+    )  # fmt: skip
+    assert ex.main(flags) == 0  # 24 training images, batches of 4: 6 iterations
+    passed = []
+
+    def spy(*args, iterations_per_epoch=1):
+        passed.append(iterations_per_epoch)
+
+    monkeypatch.setattr(ex, "plot_learning_curves", spy)
+    assert ex.main(flags + ["--resume"]) == 0
+    assert passed == [6]
 
 
 def run_torchrun(script, *args):
@@ -418,8 +500,12 @@ def test_building_blocks_and_warmup(ex, cub_root, tmp_path):
         + ["--epochs", "2", "--warmup-epochs", "1", "--sampler", "m_per_class"]
     )
     train, test = ex.build_datasets(args)
-    assert sorted(set(train.labels)) == [0, 1, 2, 3]  # CUB ids 1..4 remapped
-    assert sorted(set(test.labels)) == [0, 1, 2, 3]  # CUB ids 101..104 remapped
+    # the standard split (classes 1-100 train, 101-200 test), each remapped to 0..K-1
+    assert (train.class_ids, test.class_ids) == (
+        list(TRAIN_CLASSES),
+        list(TEST_CLASSES),
+    )
+    assert sorted(set(train.labels)) == sorted(set(test.labels)) == [0, 1, 2, 3]
     models = ex.build_model(args)
     setup = ex.build_loss(args, num_classes=4)
     optimizers, schedulers = ex.build_optimizers(args, models, setup.loss_funcs)
@@ -502,7 +588,50 @@ def test_failed_download_names_the_ways_out(ex, tmp_path, monkeypatch, capsys):
 
     (root / "other.txt").write_text("not CUB")
     assert ex.main(cub_args(root, tmp_path / "out2", "--trunk", "small_conv", "--no-pretrained")) == 1  # fmt: skip
-    assert "is not empty" in capsys.readouterr().err
+    assert "downloading failed (no network)" in capsys.readouterr().err
+    assert os.listdir(root) == ["other.txt"]
+
+
+def test_cub_downloaded_into_a_root_that_holds_other_data(ex, tmp_path, monkeypatch):
+    """CUB is downloaded when --data-root has no CUB_200_2011/, also when it holds other
+    things (the glyphs cache: both default to data/); those are left alone."""
+    import tarfile
+
+    from pytorch_metric_learning.datasets import cub
+
+    archive = tmp_path / "CUB_200_2011.tgz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(make_cub(tmp_path / "source") / "CUB_200_2011", arcname="CUB_200_2011")
+        tar.add(tmp_path / "source" / "CUB_200_2011" / "classes.txt", arcname="attributes.txt")  # fmt: skip
+    urls = []
+
+    def fake_download(url, filename, **kwargs):
+        urls.append(url)
+        Path(filename).write_bytes(archive.read_bytes())
+
+    monkeypatch.setattr(cub, "_urlretrieve", fake_download)
+    root = tmp_path / "data"
+    (root / "glyphs").mkdir(parents=True)
+    ex.ensure_cub(str(root))
+    assert urls == [cub.CUB.DOWNLOAD_URL]
+    assert sorted(os.listdir(root)) == ["CUB_200_2011", "glyphs"]
+    args = ex.parse_args(cub_args(root, tmp_path / "out", "--trunk", "small_conv", "--no-pretrained"))  # fmt: skip
+    train, test = ex.build_datasets(args)
+    assert (train.class_ids, test.class_ids) == (
+        list(TRAIN_CLASSES),
+        list(TEST_CLASSES),
+    )
+    ex.ensure_cub(str(root))  # there now: not downloaded again
+    assert len(urls) == 1
+
+
+@pytest.mark.parametrize("name", ["images.txt", "image_class_labels.txt"])
+def test_incomplete_cub_names_the_missing_file(ex, cub_root, tmp_path, capsys, name):
+    victim = cub_root / "CUB_200_2011" / name
+    victim.unlink()
+    assert ex.main(cub_args(cub_root, tmp_path / "out", "--trunk", "small_conv", "--no-pretrained")) == 1  # fmt: skip
+    err = capsys.readouterr().err
+    assert f"{victim} missing" in err and "Traceback" not in err
 
 
 def test_missing_image_file_is_named(ex, cub_root, tmp_path, capsys):
@@ -557,6 +686,8 @@ def test_output_dir_protection(ex, cub_root, tmp_path, capsys):
     assert "--resume" in capsys.readouterr().err
     assert ex.main(flags + ["--resume", "--epochs", "2", "--embedding-size", "8"]) == 1
     assert "--embedding-size 16" in capsys.readouterr().err
+    assert ex.main(flags + ["--resume", "--epochs", "2", "--no-ps"]) == 1
+    assert "other option: without --no-ps" in capsys.readouterr().err
     assert ex.main(flags + ["--overwrite"]) == 0
 
 
@@ -578,6 +709,13 @@ def test_output_dir_protection(ex, cub_root, tmp_path, capsys):
         (["--loss", "triplet"], "invalid choice"),
         (["--epochs", "0"], "must be > 0"),
         (["--crop-scale", "1.5"], "--crop-scale"),
+        (["--test-resize-ratio", "0.5"], "--test-resize-ratio must be at least 1"),
+        (["--epochs", "3", "--test-interval", "2"], "multiple of --test-interval"),
+        (
+            ["--epochs", "1", "--warmup-epochs", "0", "--test-interval", "2"],
+            "multiple of --test-interval",
+        ),  # fmt: skip
+        (["--trunk", "small_conv"], "by default: add --no-pretrained"),
         (["--primary-metric", "recall_at_1", "--recall-ks", "2", "4"], "needs its K"),
         (["--loss", "margin"], "not a proxy loss"),
         (
