@@ -76,7 +76,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 SECTIONS = ("ps", "miner", "train-step")
 DEFAULT_REPEATS = {"ps": 15, "miner": 50, "train-step": 20}
 MIN_REPEATS = 3
-GLYPHS_CLASSES = 324  # training classes of the example's default glyphs set
+GLYPHS_CLASSES = 321  # training classes of the example's default glyphs set
 
 # ------------------------------------------------------------------------- shared
 
