@@ -49,10 +49,20 @@ class AutocastTrainerMixin:
     def step_optimizers(self):
         if self.grad_scaler is None:
             return super().step_optimizers()
+        stepped = False
         for name, optimizer in self.optimizers.items():
-            if c_f.regex_replace("_optimizer$", "", name) not in self.freeze_these:
+            if c_f.regex_replace("_optimizer$", "", name) in self.freeze_these:
+                continue
+            # GradScaler.step raises for an optimizer none of whose parameters has a
+            # gradient (e.g. a margin loss's betas when the miner found no tuple), where
+            # the plain optimizer.step() of PML's trainers does nothing
+            if any(
+                p.grad is not None for g in optimizer.param_groups for p in g["params"]
+            ):
                 self.grad_scaler.step(optimizer)
-        self.grad_scaler.update()
+                stepped = True
+        if stepped:
+            self.grad_scaler.update()
 
 
 def with_autocast(trainer_class: Type[BaseTrainer]) -> Type[BaseTrainer]:

@@ -4,7 +4,7 @@ import logging
 import unittest
 
 import torch
-from pytorch_metric_learning import losses, trainers
+from pytorch_metric_learning import losses, miners, trainers
 from pytorch_metric_learning.utils import common_functions as c_f
 
 from pml_proxysynth.losses import ProxySynthesisLoss
@@ -42,6 +42,14 @@ class InfLoss(losses.BaseMetricLossFunction):
     def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
         loss = embeddings.float().sum() * float("inf")
         return {"loss": {"losses": loss, "indices": None, "reduction_type": "already_reduced"}}  # fmt: skip
+
+
+class NoTuples(miners.BaseMiner):
+    """A miner that finds nothing: the loss's own parameters get no gradient."""
+
+    def mine(self, embeddings, labels, ref_emb, ref_labels):
+        empty = torch.tensor([], dtype=torch.long, device=embeddings.device)
+        return empty, empty, empty
 
 
 def build(trainer_class, loss, iterations=3, key="metric_loss", **kwargs):
@@ -131,6 +139,20 @@ class TestAutocastTrainer(unittest.TestCase):
         trainer.train(num_epochs=1)
         self.assertFalse(torch.equal(before[0], trunk.weight.detach()))
         self.assertFalse(torch.equal(before[1], inner.proxies.detach()))
+
+    def test_grad_scaler_with_an_optimizer_without_gradients(self):
+        """Without tuples the margin loss's betas get no gradient: their optimizer is
+        skipped (PML's plain step does nothing there), the others still step."""
+        scaler = torch.amp.GradScaler(TEST_DEVICE.type, init_scale=2.0**8)
+        margin = losses.MarginLoss(learn_beta=True, num_classes=NUM_CLASSES)
+        trainer, trunk, _, _ = build(
+            with_autocast(trainers.MetricLossOnly), margin, amp_dtype=amp_dtype(),
+            grad_scaler=scaler, mining_funcs={"tuple_miner": NoTuples()},
+        )  # fmt: skip
+        before = margin.beta.detach().clone()
+        trainer.train(num_epochs=1)
+        self.assertTrue(torch.equal(before, margin.beta.detach()))
+        self.assertEqual(len(trainer.seen_losses), 3)
 
     def test_grad_scaler_with_clippers_is_rejected(self):
         scaler = torch.amp.GradScaler(TEST_DEVICE.type)
