@@ -118,10 +118,10 @@ class ProxySynthesisLoss(BaseMetricLossFunction):
                 )
         super().__init__(**kwargs)
         self.spec: ProxySpec = find_proxy_spec(loss)
-        if not alpha > 0:
-            raise ValueError(f"alpha must be > 0, got {alpha}")
-        if not mu >= 0:
-            raise ValueError(f"mu must be >= 0, got {mu}")
+        if not (alpha > 0 and math.isfinite(alpha)):
+            raise ValueError(f"alpha must be finite and > 0, got {alpha}")
+        if not (mu >= 0 and math.isfinite(mu)):
+            raise ValueError(f"mu must be finite and >= 0, got {mu}")
         if pairing not in PAIRINGS:
             raise ValueError(f"pairing must be one of {PAIRINGS}, got {pairing!r}")
         if lam_per not in LAMBDA_MODES:
@@ -131,23 +131,36 @@ class ProxySynthesisLoss(BaseMetricLossFunction):
                 f"positive_divisor must be one of {POSITIVE_DIVISORS}, "
                 f"got {positive_divisor!r}"
             )
-        if positive_divisor != "all" and not isinstance(
-            _term_reducer(loss.reducer, self.spec.positive_term), DivisorReducer
-        ):
+        term = self.spec.positive_term
+        term_reducer = _term_reducer(loss.reducer, term)
+        if positive_divisor != "all" and not isinstance(term_reducer, DivisorReducer):
+            got = (
+                f"{type(loss).__name__}, which has no such term"
+                if term is None
+                else f"{type(loss).__name__} whose {term!r} reducer is "
+                f"{type(term_reducer).__name__}"
+            )
             raise ValueError(
                 f"positive_divisor={positive_divisor!r} needs a loss that averages its "
                 "positive term over the proxies with a positive, with PML's "
-                "DivisorReducer (ProxyAnchorLoss with its default reducer); got "
-                f"{type(loss).__name__} with {type(loss.reducer).__name__}"
+                f"DivisorReducer (ProxyAnchorLoss with its default reducer); got {got}"
             )
         if exclude_parents and not self.spec.excludable_pairs:
-            excludable = [
-                c.__name__ for c, v in PROXY_SPECS.items() if v.excludable_pairs
-            ]
+            excludable = [c for c, v in PROXY_SPECS.items() if v.excludable_pairs]
+            names = ", ".join(c.__name__ for c in excludable)
+            parents = [c.__name__ for c in excludable if isinstance(loss, c)]
+            why = ""
+            if parents:  # the spec of the nearest listed class decides
+                why = f" (a subclass of {parents[0]} with its own PROXY_SPECS entry"
+                if self.spec.centers_attr:
+                    why += (
+                        f": with several proxies per class ({self.spec.centers_attr})"
+                        " its similarity matrix has a column per proxy, not per class"
+                    )
+                why += ")"
             raise ValueError(
-                f"exclude_parents=True needs one of {', '.join(excludable)} (a loss "
-                f"that can leave pairs out of its similarity matrix); got "
-                f"{type(loss).__name__}"
+                f"exclude_parents=True needs one of {names} (a loss that can leave "
+                f"pairs out of its similarity matrix); got {type(loss).__name__}{why}"
             )
         self.loss = loss
         self.alpha = float(alpha)
@@ -170,6 +183,7 @@ class ProxySynthesisLoss(BaseMetricLossFunction):
         """
         labels = c_f.to_device(labels, embeddings)
         self._check_inputs(embeddings, labels)
+        labels = labels.long()  # see compute_loss
         return self._synthesize(
             embeddings,
             labels,
@@ -226,13 +240,16 @@ class ProxySynthesisLoss(BaseMetricLossFunction):
                 "row weight 0. Use a sampler instead of a tuple miner for this loss."
             )
         self._check_inputs(embeddings, labels)
+        # int64 whatever integer dtype they came in: the gathers need int32 or int64,
+        # PML's one_hot int64, and the synthetic labels C, ..., C+M-1 may not fit int8
+        labels = labels.long()
         # before the skip test, so that all ranks take part in the broadcast even when
         # their per-rank batches differ (the loss used without PML's wrapper)
         shared = self._shared_generator(embeddings) if self.training else None
         num_pairs = self.num_synthetic_for(labels) if self.training else 0
         if num_pairs == 0:
             self._record(None)
-            loss = self.loss(embeddings, labels)
+            loss = self._bare_loss(embeddings, labels)
         else:
             synthesis = self._synthesize(
                 embeddings,
@@ -296,6 +313,17 @@ class ProxySynthesisLoss(BaseMetricLossFunction):
             lam=lam,
             pairs=pairs,
         )
+
+    def _bare_loss(
+        self, embeddings: torch.Tensor, labels: torch.Tensor
+    ) -> torch.Tensor:
+        """The inner loss as is, on a view of its proxies (moved to the embeddings'
+        device differentiably): what PML's ``cast_types`` (and P2SGradLoss's
+        renormalisation) write to ``.data`` then changes the view, not the Parameter.
+        Autograd casts the gradient back to the Parameter's dtype."""
+        param = getattr(self.loss, self.spec.param)
+        view = c_f.to_device(param, embeddings).view_as(param)
+        return functional_call(self.loss, {self.spec.param: view}, (embeddings, labels))
 
     def _centers_per_class(self) -> int:
         return (
@@ -385,6 +413,14 @@ class ProxySynthesisLoss(BaseMetricLossFunction):
         batch_size = len(labels)
         rounds = math.ceil(num_pairs / batch_size)
         if self.pairing == "roll":
+            if rounds >= batch_size:  # shift B would pair each row with itself
+                raise ValueError(
+                    f"mu={self.mu} is too large for pairing='roll' with batch size "
+                    f"{batch_size}: it pairs each row with its {batch_size - 1} "
+                    f"predecessors at most, {batch_size * (batch_size - 1)} synthetic "
+                    f"classes (mu <= {batch_size - 1}), not {num_pairs}; use a smaller "
+                    "mu, a larger batch or pairing='random'"
+                )
             index = torch.arange(batch_size, device=labels.device)
             first = index.repeat(rounds)
             shift = torch.arange(1, rounds + 1, device=labels.device).repeat_interleave(
@@ -472,14 +508,12 @@ class ProxySynthesisLoss(BaseMetricLossFunction):
                 synthesis.labels, synthesis.pairs, num_real_classes
             )
             patches.append((self.loss, "distance", _WithoutPairs(distance, excluded)))
-        saved = [(target, name, getattr(target, name)) for target, name, _ in patches]
-        try:
+        # an ExitStack runs every restore, also after one that raised
+        with contextlib.ExitStack() as restore:
             for target, name, value in patches:
-                setattr(target, name, value)
+                restore.callback(_set_as_stored, target, name, getattr(target, name))
+                _set_as_stored(target, name, value)
             yield
-        finally:
-            for target, name, value in reversed(saved):
-                setattr(target, name, value)
 
     def _record(self, synthesis: Optional[Synthesis]) -> None:
         if not self.collect_stats:
@@ -489,6 +523,18 @@ class ProxySynthesisLoss(BaseMetricLossFunction):
         else:
             self.num_synthetic_classes = len(synthesis.pairs)
             self.lam = synthesis.lam.float().mean().item()
+
+
+def _set_as_stored(module: torch.nn.Module, name: str, value: object) -> None:
+    """Sets ``module.name`` where its current value is stored: a parameter, buffer or
+    child-module slot, or the instance dict. ``setattr`` would move a module stored in
+    the instance dict (a plain-callable regularizer replaced by ``_OnFixedInput``) into
+    the child modules, and then refuse to put the callable back there."""
+    for slots in (module._parameters, module._buffers, module._modules):
+        if name in slots:
+            slots[name] = value
+            return
+    vars(module)[name] = value
 
 
 def _term_reducer(
@@ -607,21 +653,26 @@ def _rows(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 
 def _mix(a: torch.Tensor, b: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
-    """lam * a + (1 - lam) * b; lam is a scalar or one per row."""
+    """lam * a + (1 - lam) * b; lam is a scalar or one per row. lam is cast to the
+    operands' dtype: under CUDA autocast the proxies stay float32 while lam comes in
+    the embeddings' float16, and ``torch.lerp`` takes no mixed dtypes."""
+    lam = lam.to(a.dtype)
     lam = lam.reshape((-1,) + (1,) * (a.ndim - 1)) if lam.ndim else lam
     return torch.lerp(b, a, lam)
 
 
 @contextlib.contextmanager
 def _rng_from(generator: Optional[torch.Generator]) -> Iterator[None]:
-    """Seeds a forked CPU RNG from ``generator`` (Beta sampling takes none); with None,
-    torch's global RNG is used as is."""
+    """Seeds a forked CPU default generator from ``generator`` (Beta sampling takes no
+    generator, and on CPU tensors uses only that one); with None, torch's global RNG is
+    used as is. Only the CPU generator is seeded: ``torch.manual_seed`` would also
+    re-seed the CUDA ones, which the fork does not restore."""
     if generator is None:
         yield
         return
     seed = torch.randint(2**62, (), generator=generator, device=generator.device).item()
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.default_generator.manual_seed(seed)
         yield
 
 

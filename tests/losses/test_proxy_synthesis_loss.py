@@ -2,6 +2,7 @@ import copy
 import itertools
 import math
 import unittest
+from unittest import mock
 
 import numpy as np
 import scipy.stats
@@ -12,6 +13,7 @@ from pytorch_metric_learning.distances import LpDistance
 from pytorch_metric_learning.utils import distributed
 
 from pml_proxysynth.losses import ProxySynthesisLoss
+from pml_proxysynth.losses.proxy_synthesis_loss import LAMBDA_MODES, _WithoutPairs
 
 from .. import TEST_DEVICE, TEST_DTYPES
 
@@ -235,20 +237,30 @@ def proxy_anchor_formula(
     return real + pos[num_real_classes:].sum() / with_pos.sum() + neg
 
 
+def mean_norm(x):
+    """A plain-function regularizer: the rows' mean L2 norm, as PML's LpRegularizer."""
+    return x.norm(dim=1).mean()
+
+
 class TestRegularizers(unittest.TestCase):
     def test_regularizers_see_the_real_proxies_and_embeddings(self):
-        """With the inner loss's weight and embedding regularizers, the wrapper's loss
-        is the loss without them (same synthesis) plus each regularizer on the real
-        proxies and the raw batch, as without synthesis."""
+        """With the inner loss's weight and embedding regularizers (PML modules, or
+        plain functions as the bare loss also takes), the wrapper's loss is the loss
+        without them (same synthesis) plus each regularizer on the real proxies and the
+        raw batch, as without synthesis; the regularizers are restored after the call."""
         weights = {"weight_reg_weight": 0.5, "embedding_reg_weight": 0.25}
-        for name in build_losses(NUM_CLASSES):
-            with self.subTest(loss=name):
+        kinds = {"module": regularizers.LpRegularizer, "function": lambda: mean_norm}
+        for (kind, make), name in itertools.product(
+            kinds.items(), build_losses(NUM_CLASSES)
+        ):
+            with self.subTest(kind=kind, loss=name):
                 regularized = build_losses(
                     NUM_CLASSES,
-                    weight_regularizer=regularizers.LpRegularizer(),
-                    embedding_regularizer=regularizers.LpRegularizer(),
+                    weight_regularizer=make(),
+                    embedding_regularizer=make(),
                     **weights,
                 )[name].to(TEST_DEVICE)
+                before = inner_state(regularized)
                 plain = build_losses(NUM_CLASSES)[name].to(TEST_DEVICE)
                 plain.load_state_dict(regularized.state_dict())
                 emb = 3 * torch.randn(BATCH_SIZE, EMBEDDING_SIZE, device=TEST_DEVICE)
@@ -263,6 +275,10 @@ class TestRegularizers(unittest.TestCase):
                 self.assertTrue(
                     torch.isclose(loss, expected, rtol=1e-5), (loss, expected)
                 )
+                assert_same_state(self, before, inner_state(regularized))
+                self.assertEqual(vars(regularized).get("embedding_regularizer"), (
+                    mean_norm if kind == "function" else None
+                ))  # fmt: skip
 
     def test_loss_on_defaults_to_the_real_rows(self):
         """``loss_on`` without the raw batch regularises the set's real rows."""
@@ -335,14 +351,20 @@ class TestPositiveDivisor(unittest.TestCase):
         self.assertIs(inner.reducer, reducer)
         with self.assertRaisesRegex(ValueError, "positive_divisor must be one of"):
             ProxySynthesisLoss(inner, positive_divisor="synthetic")
-        for bad in (
-            losses.NormalizedSoftmaxLoss(NUM_CLASSES, EMBEDDING_SIZE),
-            losses.ProxyAnchorLoss(
-                NUM_CLASSES, EMBEDDING_SIZE, reducer=reducers.MeanReducer()
+        for bad, got in (
+            (
+                losses.NormalizedSoftmaxLoss(NUM_CLASSES, EMBEDDING_SIZE),
+                "got NormalizedSoftmaxLoss, which has no such term",
+            ),
+            (  # PML wraps it in MultipleReducers: the term's own reducer is named
+                losses.ProxyAnchorLoss(
+                    NUM_CLASSES, EMBEDDING_SIZE, reducer=reducers.MeanReducer()
+                ),
+                "got ProxyAnchorLoss whose 'pos_loss' reducer is MeanReducer",
             ),
         ):
             for divisor in ("real", "real_only"):
-                with self.assertRaisesRegex(ValueError, "DivisorReducer"):
+                with self.assertRaisesRegex(ValueError, f"DivisorReducer.*{got}"):
                     ProxySynthesisLoss(bad, positive_divisor=divisor)
 
     def test_real_only_with_parents_excluded_equals_formula(self):
@@ -471,9 +493,15 @@ class TestExcludeParents(unittest.TestCase):
             "SubCenterArcFaceLoss",
         ):
             bad = build_losses(NUM_CLASSES)[name]
-            with self.assertRaisesRegex(
-                ValueError, "exclude_parents=True needs one of"
-            ):
+            message = f"exclude_parents=True needs one of .*; got {name}"
+            if name == "SubCenterArcFaceLoss":  # an ArcFaceLoss: say why not
+                message += (
+                    r" \(a subclass of ArcFaceLoss with its own PROXY_SPECS entry: "
+                    r"with several proxies per class \(sub_centers\)"
+                )
+            else:
+                message += "$"
+            with self.assertRaisesRegex(ValueError, message):
                 ProxySynthesisLoss(bad, exclude_parents=True)
 
 
@@ -518,6 +546,26 @@ class TestPairing(unittest.TestCase):
             wrapper(emb, torch.tensor([0, 1, 1, 2, 0, 2]))
         with self.assertRaisesRegex(ValueError, "rows 0 and 5"):  # the wrap-around pair
             wrapper(emb, torch.tensor([0, 1, 0, 1, 2, 0]))
+
+    def test_roll_raises_when_mu_needs_a_full_turn(self):
+        """At most B-1 shifts, B(B-1) pairs: with more, a row is paired with itself."""
+        emb = torch.randn(3, EMBEDDING_SIZE)
+        labels = torch.tensor([0, 1, 2])
+        # round(mu * 3) synthetic classes: 6, 6, 7, 9
+        for mu, num_pairs in ((2.0, 6), (2.1, 6), (2.4, 7), (3.0, 9)):
+            wrapper = ProxySynthesisLoss(
+                losses.ProxyAnchorLoss(3, EMBEDDING_SIZE), mu=mu, pairing="roll"
+            )
+            with self.subTest(mu=mu):
+                if num_pairs <= 6:
+                    self.assertTrue(torch.isfinite(wrapper(emb, labels)))
+                    continue
+                message = (
+                    rf"mu={mu} is too large for pairing='roll' with batch size 3: .* "
+                    rf"6 synthetic classes \(mu <= 2\), not {num_pairs}"
+                )
+                with self.assertRaisesRegex(ValueError, message):
+                    wrapper(emb, labels)
 
     def test_number_of_synthetic_classes(self):
         wrapper = ProxySynthesisLoss(losses.ProxyAnchorLoss(3, EMBEDDING_SIZE))
@@ -579,6 +627,21 @@ class TestRandomness(unittest.TestCase):
         self.assertTrue(torch.equal(draws[0].pairs, draws[1].pairs))
         self.assertTrue(torch.equal(draws[0].lam, draws[1].lam))
 
+    def test_generator_leaves_the_cuda_rngs_alone(self):
+        """With a generator, lam is drawn from a forked CPU RNG; the CUDA RNGs, which
+        the fork does not restore, must not be seeded (recorded here, without a GPU)."""
+        emb, labels = torch.randn(10, EMBEDDING_SIZE), torch.arange(10) % 5
+        for lam_per in LAMBDA_MODES:
+            wrapper = ProxySynthesisLoss(
+                losses.ProxyAnchorLoss(5, EMBEDDING_SIZE),
+                generator=torch.Generator().manual_seed(11),
+                lam_per=lam_per,
+            )
+            with mock.patch("torch.cuda.manual_seed_all") as seed_all:
+                wrapper(emb, labels)
+                wrapper.synthesize(emb, labels)
+            seed_all.assert_not_called()
+
 
 class TestBareLossCases(unittest.TestCase):
     def test_mu_zero_one_class_and_eval_mode_equal_bare_loss(self):
@@ -587,7 +650,12 @@ class TestBareLossCases(unittest.TestCase):
                 with self.subTest(dtype=dtype, loss=name):
                     torch.manual_seed(0)
                     inner = build_losses(NUM_CLASSES)[name].to(TEST_DEVICE)
-                    bare = copy.deepcopy(inner)
+                    original = copy.deepcopy(inner)
+
+                    def bare(*args, original=original):
+                        # PML changes its own proxies: a fresh copy for each call
+                        return copy.deepcopy(original)(*args)
+
                     emb = torch.randn(BATCH_SIZE, EMBEDDING_SIZE, device=TEST_DEVICE)
                     emb = emb.to(dtype)
                     labels = torch.randint(0, 4, (BATCH_SIZE,), device=TEST_DEVICE)
@@ -606,6 +674,38 @@ class TestBareLossCases(unittest.TestCase):
                     self.assertTrue(
                         torch.equal(wrapper(emb, labels), bare(emb, labels))
                     )
+
+    def test_bare_path_leaves_the_parameter_alone(self):
+        """Eval mode, mu = 0 and a one-class batch run the bare inner loss, which casts
+        its proxies to the embeddings' dtype in place (P2SGradLoss also renormalises
+        them): the wrapper's Parameter keeps its identity, dtype and values, gets a
+        gradient in its dtype, and an optimizer step still works."""
+        for dtype in (torch.float16, torch.float64):
+            for name in build_losses(NUM_CLASSES):
+                for case in ("eval", "mu=0", "one class"):
+                    with self.subTest(dtype=dtype, loss=name, case=case):
+                        torch.manual_seed(0)
+                        inner = build_losses(NUM_CLASSES)[name].to(TEST_DEVICE)
+                        wrapper = ProxySynthesisLoss(
+                            inner, mu=0 if case == "mu=0" else 1
+                        )
+                        wrapper.train(case != "eval")
+                        param = next(inner.parameters())
+                        before = param.detach().clone()
+                        optimizer = torch.optim.SGD(inner.parameters(), lr=0.1)
+                        emb = torch.randn(
+                            BATCH_SIZE, EMBEDDING_SIZE, device=TEST_DEVICE
+                        )
+                        labels = torch.randint(0, 4, (BATCH_SIZE,), device=TEST_DEVICE)
+                        if case == "one class":
+                            labels = torch.full_like(labels, 2)
+                        wrapper(emb.to(dtype), labels).backward()
+                        self.assertIs(next(inner.parameters()), param)
+                        self.assertEqual(param.dtype, torch.float32)
+                        self.assertTrue(torch.equal(param, before))
+                        self.assertEqual(param.grad.dtype, torch.float32)
+                        optimizer.step()
+                        self.assertFalse(torch.equal(param, before))
 
     def test_synthesize_without_synthetic_classes(self):
         inner = losses.ProxyAnchorLoss(NUM_CLASSES, EMBEDDING_SIZE)
@@ -711,10 +811,19 @@ def is_container(value):
     return isinstance(value, (list, dict, set, tuple))
 
 
+# attributes that PML's own losses write on every call (a DivisorReducer's divisor)
+PER_CALL_OUTPUTS = {"divisor"}
+
+
 def inner_state(loss):
     """Everything a call could change on a PML loss and its submodules (distance,
-    reducer, ...), stats aside."""
-    params = {n: (id(p), tuple(p.shape), p.dtype) for n, p in loss.named_parameters()}
+    reducer, ...), stats aside: its parameters (the objects, their dtypes, devices and
+    values), its submodules (the objects) and their public attributes."""
+    params = {
+        n: (p, p.dtype, p.device, p.detach().clone())
+        for n, p in loss.named_parameters()
+    }
+    modules = dict(loss.named_modules())
     attrs = {
         f"{name}.{k}": (
             v.clone() if torch.is_tensor(v) else copy.copy(v) if is_container(v) else v
@@ -723,21 +832,59 @@ def inner_state(loss):
         for k, v in vars(module).items()
         if not k.startswith("_") and k not in getattr(module, "_record_these_stats", [])
     }
-    return params, attrs
+    return params, modules, attrs
 
 
 def assert_same_state(test: unittest.TestCase, before, after):
-    """Two ``inner_state`` results are equal. Attributes that only appear during the
-    call are not compared: PML writes per-call outputs (a reducer's ``divisor``) on the
-    bare loss as well."""
-    test.assertEqual(before[0], after[0])
-    test.assertLessEqual(before[1].keys(), after[1].keys())
-    for k, v in before[1].items():
-        w = after[1][k]
+    """Two ``inner_state`` results are equal: the same parameter and submodule objects,
+    parameters of the same dtype, device and values, equal attributes. Only the
+    attributes in ``PER_CALL_OUTPUTS`` may appear after a call (PML's bare loss writes
+    them as well)."""
+    (params, modules, attrs), (params_after, modules_after, attrs_after) = before, after
+    test.assertEqual(params.keys(), params_after.keys())
+    for name, (param, dtype, device, value) in params.items():
+        now = params_after[name][0]
+        test.assertIs(now, param, name)
+        test.assertEqual((now.dtype, now.device), (dtype, device), name)
+        test.assertTrue(torch.equal(now.detach(), value), name)
+    test.assertEqual(modules.keys(), modules_after.keys())
+    for name, module in modules.items():
+        test.assertIs(modules_after[name], module, name)
+    extra = {k.rsplit(".", 1)[-1] for k in attrs_after.keys() - attrs.keys()}
+    test.assertLessEqual(extra, PER_CALL_OUTPUTS)
+    test.assertLessEqual(attrs.keys(), attrs_after.keys())
+    for k, v in attrs.items():
+        w = attrs_after[k]
         if torch.is_tensor(v):
             test.assertTrue(torch.equal(v.cpu(), w.cpu()), k)
         else:
             test.assertEqual(v, w, k)
+
+
+class TestStateHelpers(unittest.TestCase):
+    """``assert_same_state`` sees every change a call could leave behind."""
+
+    def test_changes_are_detected(self):
+        def wrap_distance(loss):
+            loss.distance = _WithoutPairs(loss.distance, torch.zeros(1, 1).bool())
+
+        def renormalise(loss):
+            loss.proxies.data = F.normalize(loss.proxies.data, dim=1)
+
+        def cast(loss):
+            loss.proxies.data = loss.proxies.data.double()
+
+        def replace(loss):
+            loss.proxies = torch.nn.Parameter(loss.proxies.detach().clone())
+
+        for change in (wrap_distance, renormalise, cast, replace):
+            with self.subTest(change=change.__name__):
+                inner = losses.ProxyAnchorLoss(NUM_CLASSES, EMBEDDING_SIZE)
+                before = inner_state(inner)
+                assert_same_state(self, before, inner_state(inner))
+                change(inner)
+                with self.assertRaises(AssertionError):
+                    assert_same_state(self, before, inner_state(inner))
 
 
 class TestInnerLossUnchanged(unittest.TestCase):
@@ -758,7 +905,12 @@ class TestInnerLossUnchanged(unittest.TestCase):
                     before = inner_state(inner)
                     wrapper = ProxySynthesisLoss(inner, mu=2.0)
                     emb = torch.randn(BATCH_SIZE, EMBEDDING_SIZE).to(dtype)
-                    wrapper(emb, torch.randint(0, 4, (BATCH_SIZE,)))
+                    labels = torch.randint(0, 4, (BATCH_SIZE,))
+                    wrapper(emb, labels)
+                    self.assert_same_state(before, inner_state(inner))
+                    wrapper.eval()  # the bare inner loss
+                    wrapper(emb, labels)
+                    wrapper.train()
                     self.assert_same_state(before, inner_state(inner))
 
     def test_after_a_call_that_raised(self):
@@ -803,9 +955,12 @@ class TestBadInput(unittest.TestCase):
     def test_hyperparameters(self):
         inner = losses.ProxyAnchorLoss(4, EMBEDDING_SIZE)
         for kwargs, message in (
-            ({"alpha": 0}, "alpha must be > 0"),
-            ({"alpha": float("nan")}, "alpha must be > 0"),
-            ({"mu": -0.5}, "mu must be >= 0"),
+            ({"alpha": 0}, "alpha must be finite and > 0"),
+            ({"alpha": float("nan")}, "alpha must be finite and > 0"),
+            ({"alpha": float("inf")}, "alpha must be finite and > 0, got inf"),
+            ({"mu": -0.5}, "mu must be finite and >= 0"),
+            ({"mu": float("nan")}, "mu must be finite and >= 0"),
+            ({"mu": float("inf")}, "mu must be finite and >= 0, got inf"),
             ({"pairing": "shuffle"}, "pairing must be one of"),
             ({"lam_per": "sample"}, "lam_per must be one of"),
             # the inner loss's would be used: never silently ignored
@@ -825,6 +980,35 @@ class TestBadInput(unittest.TestCase):
     def test_unsupported_loss(self):
         with self.assertRaisesRegex(TypeError, "TripletMarginLoss.*ProxyAnchorLoss"):
             ProxySynthesisLoss(losses.TripletMarginLoss())
+
+    def test_narrow_integer_labels(self):
+        """Labels of any integer dtype work as int64: the synthetic labels C, ...,
+        C+M-1 (here past int8's 127) do not overflow, and the loss is PML's on the
+        enlarged set (training) or on the batch (eval) with int64 labels."""
+        num_classes, batch_size = 120, 16
+        emb = torch.randn(batch_size, EMBEDDING_SIZE, device=TEST_DEVICE)
+        labels = torch.randint(0, 10, (batch_size,), device=TEST_DEVICE)
+        for name in ("ProxyAnchorLoss", "ProxyNCALoss"):
+            for dtype in (torch.int8, torch.uint8, torch.int16, torch.int32):
+                with self.subTest(loss=name, dtype=dtype):
+                    torch.manual_seed(0)
+                    inner = build_losses(num_classes)[name].to(TEST_DEVICE)
+                    wrapper = ProxySynthesisLoss(inner)
+                    syn, loss = synthesis_and_loss(wrapper, emb, labels.to(dtype))
+                    self.assertEqual(syn.labels.dtype, torch.int64)
+                    expected_labels = torch.arange(
+                        num_classes, num_classes + batch_size
+                    )
+                    self.assertTrue(
+                        torch.equal(syn.labels[batch_size:].cpu(), expected_labels)
+                    )
+                    fresh = build_losses(num_classes + batch_size)[name].to(TEST_DEVICE)
+                    copy_proxies_into(fresh, syn.proxies)
+                    expected = fresh(syn.embeddings.detach(), syn.labels)
+                    self.assertTrue(torch.isclose(loss, expected, rtol=1e-5))
+                    wrapper.eval()
+                    bare = copy.deepcopy(inner)(emb, labels)
+                    self.assertTrue(torch.equal(wrapper(emb, labels.to(dtype)), bare))
 
     def test_non_finite_embeddings(self):
         for value in (float("nan"), float("inf")):
@@ -857,21 +1041,36 @@ class TestIntegration(unittest.TestCase):
     def test_autocast(self):
         device_type = TEST_DEVICE.type
         amp_dtype = torch.float16 if device_type == "cuda" else torch.bfloat16
-        for name in build_losses(NUM_CLASSES):
+        for name, lam_per in itertools.product(build_losses(NUM_CLASSES), LAMBDA_MODES):
             if name == "P2SGradLoss" and amp_dtype == torch.bfloat16:
                 continue  # PML's bare P2SGradLoss fails its unit-norm assert under bf16
-            with self.subTest(loss=name):
-                inner = build_losses(NUM_CLASSES)[name].to(TEST_DEVICE)
-                wrapper = ProxySynthesisLoss(inner)
-                layer = torch.nn.Linear(EMBEDDING_SIZE, EMBEDDING_SIZE).to(TEST_DEVICE)
-                x = torch.randn(BATCH_SIZE, EMBEDDING_SIZE, device=TEST_DEVICE)
-                labels = torch.randint(0, 4, (BATCH_SIZE,), device=TEST_DEVICE)
-                with torch.autocast(device_type, dtype=amp_dtype):
-                    loss = wrapper(layer(x), labels)
-                loss.backward()
-                self.assertTrue(torch.isfinite(loss))
-                self.assertTrue(torch.isfinite(next(inner.parameters()).grad).all())
-                self.assertEqual(next(inner.parameters()).dtype, torch.float32)
+            with self.subTest(loss=name, lam_per=lam_per):
+                self.check_autocast(name, lam_per, device_type, amp_dtype)
+
+    def test_cuda_autocast_simulated_on_cpu(self):
+        """Under CUDA autocast ``torch.is_autocast_enabled()`` is True, so PML's
+        ``to_dtype`` leaves the proxies float32 while the embeddings (and lam) are
+        reduced precision; simulated with CPU autocast and that flag."""
+        for name, lam_per in itertools.product(build_losses(NUM_CLASSES), LAMBDA_MODES):
+            if name == "P2SGradLoss":
+                continue  # PML's bare P2SGradLoss fails its unit-norm assert under bf16
+            with self.subTest(loss=name, lam_per=lam_per):
+                with mock.patch("torch.is_autocast_enabled", return_value=True):
+                    self.check_autocast(name, lam_per, "cpu", torch.bfloat16)
+
+    def check_autocast(self, name, lam_per, device_type, amp_dtype):
+        """A finite loss and proxy gradient, and float32 proxies, under autocast."""
+        inner = build_losses(NUM_CLASSES)[name].to(device_type)
+        wrapper = ProxySynthesisLoss(inner, lam_per=lam_per)
+        layer = torch.nn.Linear(EMBEDDING_SIZE, EMBEDDING_SIZE).to(device_type)
+        x = torch.randn(BATCH_SIZE, EMBEDDING_SIZE, device=device_type)
+        labels = torch.randint(0, 4, (BATCH_SIZE,), device=device_type)
+        with torch.autocast(device_type, dtype=amp_dtype):
+            loss = wrapper(layer(x), labels)
+        loss.backward()
+        self.assertTrue(torch.isfinite(loss))
+        self.assertTrue(torch.isfinite(next(inner.parameters()).grad).all())
+        self.assertEqual(next(inner.parameters()).dtype, torch.float32)
 
     def test_metric_loss_only_trainer(self):
         torch.manual_seed(0)
