@@ -29,6 +29,7 @@ import statistics
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 from typing import Dict, List, NamedTuple, Sequence
 
@@ -392,6 +393,21 @@ def row_argv(row: Row, dataset: str, seed: int, extra: Sequence[str]) -> List[st
     return argv + list(extra) + list(row.flags)  # a row's own flags win
 
 
+def claim_protocol(path: Path, protocol: str) -> None:
+    """Records at ``path`` (beside the results CSV) the training flags its runs share,
+    or checks them: finished runs are skipped only under the protocol they were made
+    with, not reported under another one."""
+    if not path.exists():
+        path.write_text(protocol + "\n")
+        return
+    saved = path.read_text().strip()
+    if saved != protocol:
+        raise ValueError(
+            f"{path.with_suffix('.csv')} holds runs made with `{saved}`, not "
+            f"`{protocol}`: use another --results-dir"
+        )
+
+
 def read_done(path: Path) -> Dict[tuple, dict]:
     if not path.exists():
         return {}
@@ -575,20 +591,35 @@ def main(argv: Sequence[str] = None) -> int:
     training = SWEEP_PROTOCOL if args.sweep else PROTOCOL
     if args.dataset != "glyphs":
         training = []  # the example's defaults for photos (the Proxy-Anchor recipe)
-    extra += (QUICK if args.quick else training) + args.extra
+    protocol = (QUICK if args.quick else training) + args.extra
+    extra += protocol
     name = args.dataset + ("-proxy-anchor-sweep" if args.sweep else "")
     name += "-quick" if args.quick else ""
     results_dir = Path(args.results_dir)
     results_dir.mkdir(parents=True, exist_ok=True)
     csv_path = results_dir / f"{name}.csv"
+    try:
+        claim_protocol(csv_path.with_suffix(".protocol"), " ".join(protocol))
+    except ValueError as e:
+        parser.error(str(e))
     done = read_done(csv_path)
     todo = [(r, s) for r in rows for s in args.seeds if (r.method, s) not in done]
     print(f"{len(done)} runs done, {len(todo)} to go -> {csv_path}", flush=True)
-    start = time.perf_counter()
+    start, failed = time.perf_counter(), []
     with concurrent.futures.ProcessPoolExecutor(args.jobs) as pool:
-        futures = [pool.submit(run_one, r, args.dataset, s, extra) for r, s in todo]
+        futures = {
+            pool.submit(run_one, r, args.dataset, s, extra): (r.method, s)
+            for r, s in todo
+        }
         for i, future in enumerate(concurrent.futures.as_completed(futures), 1):
-            record = future.result()
+            try:
+                record = future.result()
+            except Exception as e:  # the other runs go on, and their results are kept
+                method, seed = futures[future]
+                failed.append(f"{method} seed {seed}: {type(e).__name__}: {e}")
+                print(f"[{i}/{len(todo)}] FAILED {failed[-1]}", flush=True)
+                traceback.print_exception(e)
+                continue
             append_records(csv_path, [record])
             done[(record["method"], int(record["seed"]))] = record
             print(
@@ -599,14 +630,16 @@ def main(argv: Sequence[str] = None) -> int:
             )
     minutes = (time.perf_counter() - start) / 60
     print(f"{len(todo)} runs in {minutes:.1f} min with {args.jobs} jobs", flush=True)
-    protocol = " ".join(extra)
-    title = f"{args.dataset}: accuracy benchmark (`{protocol}`)"
+    title = f"{args.dataset}: accuracy benchmark (`{' '.join(extra)}`)"
     # the summary covers every row with results, not only this invocation's
     done_methods = {method for method, _ in done}
     reported = [r for r in all_rows if r.method in done_methods]
     (results_dir / f"{name}.md").write_text(summarise(done, reported, title))
     plot(done, reported, results_dir / f"{name}.png")
     print(f"wrote {results_dir / name}.{{csv,md,png}}")
+    if failed:
+        print(f"{len(failed)} run(s) failed:", *failed, sep="\n  ", file=sys.stderr)
+        return 1
     return 0
 
 

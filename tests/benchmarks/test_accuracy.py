@@ -42,6 +42,41 @@ def test_quick_mode_end_to_end_and_resume(bench, tmp_path, capsys):
     assert len(read_csv(results / "glyphs-quick.csv")) == len(expected)
 
 
+def fake_run_one(row, dataset, seed, extra):
+    """run_one without training: fails for proxy_anchor+ps seed 0."""
+    if (row.method, seed) == ("proxy_anchor+ps", 0):
+        raise RuntimeError("this run failed")
+    record = {"dataset": dataset, "method": row.method, "loss": row.loss,
+              "ps": int(row.ps), "shared_head": 0, "seed": seed, "train_seconds": 1.0}  # fmt: skip
+    return record | dict.fromkeys(["recall_at_1", "recall_at_2", "recall_at_4",
+                                   "recall_at_8", "map_at_r", "r_precision", "nmi"], 50.0)  # fmt: skip
+
+
+def test_a_failed_run_keeps_the_others(bench, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(bench, "run_one", fake_run_one)
+    argv = ["--results-dir", str(tmp_path), "--methods", "proxy_anchor",
+            "proxy_anchor+ps", "--seeds", "0", "1", "--jobs", "1"]  # fmt: skip
+    assert bench.main(argv) == 1
+    assert "proxy_anchor+ps seed 0: RuntimeError: this run failed" in (
+        capsys.readouterr().err
+    )
+    done = {(r["method"], r["seed"]) for r in read_csv(tmp_path / "glyphs.csv")}
+    assert done == {("proxy_anchor", "0"), ("proxy_anchor", "1"), ("proxy_anchor+ps", "1")}  # fmt: skip
+    assert "| proxy_anchor+ps | 1 |" in (tmp_path / "glyphs.md").read_text()
+
+
+def test_runs_are_resumed_only_under_their_protocol(bench, tmp_path, monkeypatch, capsys):  # fmt: skip
+    monkeypatch.setattr(bench, "run_one", fake_run_one)
+    argv = ["--results-dir", str(tmp_path), "--methods", "proxy_anchor", "--seeds", "0"]
+    assert bench.main(argv + ["--", "--epochs", "3"]) == 0
+    assert (tmp_path / "glyphs.protocol").read_text().endswith("--epochs 3\n")
+    with pytest.raises(SystemExit):
+        bench.main(argv + ["--", "--epochs", "4"])
+    assert "made with `--epochs 8" in capsys.readouterr().err
+    assert bench.main(argv + ["--", "--epochs", "3"]) == 0  # the same protocol: resumed
+    assert len(read_csv(tmp_path / "glyphs.csv")) == 1
+
+
 def test_paired_difference_by_hand(bench):
     base, ps = [60.0, 62.0, 61.0], [63.0, 62.5, 64.0]
     records = {}
