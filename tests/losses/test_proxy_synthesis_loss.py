@@ -13,6 +13,7 @@ from pytorch_metric_learning.distances import LpDistance
 from pytorch_metric_learning.utils import distributed
 
 from pml_proxysynth.losses import ProxySynthesisLoss
+from pml_proxysynth.losses.proxy_specs import PROXY_SPECS
 from pml_proxysynth.losses.proxy_synthesis_loss import LAMBDA_MODES, _WithoutPairs
 
 from .. import TEST_DEVICE, TEST_DTYPES
@@ -1020,12 +1021,23 @@ class TestBadInput(unittest.TestCase):
 
 class TestIntegration(unittest.TestCase):
     def test_subclass_of_supported_loss(self):
+        """A subclass is handled as its listed base class: wrapped, it gives what the
+        base class gives with the same proxies and draws."""
+
         class MyArcFace(losses.ArcFaceLoss):
             pass
 
-        wrapper = ProxySynthesisLoss(MyArcFace(4, EMBEDDING_SIZE))
-        loss = wrapper(torch.randn(6, EMBEDDING_SIZE), torch.arange(6) % 4)
-        self.assertTrue(torch.isfinite(loss))
+        mine = MyArcFace(4, EMBEDDING_SIZE)
+        base = losses.ArcFaceLoss(4, EMBEDDING_SIZE)
+        base.load_state_dict(mine.state_dict())
+        emb, labels = torch.randn(6, EMBEDDING_SIZE), torch.arange(6) % 4
+        results = []
+        for inner in (mine, base):
+            generator = torch.Generator().manual_seed(1)
+            wrapper = ProxySynthesisLoss(inner, generator=generator)
+            self.assertIs(wrapper.spec, PROXY_SPECS[losses.ArcFaceLoss])
+            results.append(wrapper(emb, labels))
+        self.assertTrue(torch.equal(*results))
 
     def test_get_logits_passes_through(self):
         inner = losses.ProxyAnchorLoss(4, EMBEDDING_SIZE)
