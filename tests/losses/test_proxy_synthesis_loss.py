@@ -1,3 +1,4 @@
+import contextlib
 import copy
 import itertools
 import math
@@ -1067,10 +1068,11 @@ class TestIntegration(unittest.TestCase):
             if name == "P2SGradLoss":
                 continue  # PML's bare P2SGradLoss fails its unit-norm assert under bf16
             with self.subTest(loss=name, lam_per=lam_per):
-                with mock.patch("torch.is_autocast_enabled", return_value=True):
-                    self.check_autocast(name, lam_per, "cpu", torch.bfloat16)
+                self.check_autocast(
+                    name, lam_per, "cpu", torch.bfloat16, simulate_cuda=True
+                )
 
-    def check_autocast(self, name, lam_per, device_type, amp_dtype):
+    def check_autocast(self, name, lam_per, device_type, amp_dtype, simulate_cuda=False):  # fmt: skip
         """A finite loss and proxy gradient, and float32 proxies, under autocast."""
         inner = build_losses(NUM_CLASSES)[name].to(device_type)
         wrapper = ProxySynthesisLoss(inner, lam_per=lam_per)
@@ -1078,7 +1080,14 @@ class TestIntegration(unittest.TestCase):
         x = torch.randn(BATCH_SIZE, EMBEDDING_SIZE, device=device_type)
         labels = torch.randint(0, 4, (BATCH_SIZE,), device=device_type)
         with torch.autocast(device_type, dtype=amp_dtype):
-            loss = wrapper(layer(x), labels)
+            # patched inside the autocast block only: autocast's exit restores the
+            # state its enter read, and would leave CPU autocast on for good
+            with (
+                mock.patch("torch.is_autocast_enabled", return_value=True)
+                if simulate_cuda
+                else contextlib.nullcontext()
+            ):
+                loss = wrapper(layer(x), labels)
         loss.backward()
         self.assertTrue(torch.isfinite(loss))
         self.assertTrue(torch.isfinite(next(inner.parameters()).grad).all())
