@@ -108,6 +108,7 @@ EPOCHS_16 = ("--epochs", "16")
 EPOCHS_32 = ("--epochs", "32")
 EPOCHS_64 = ("--epochs", "64")
 EPOCHS_128 = ("--epochs", "128")
+EPOCHS_256 = ("--epochs", "256")
 # the official schedule's shape: one lr decay x0.1 part-way (epoch 50 of 130 there; its
 # curves show PS pulling ahead only after it), here at epoch 16 of 32
 DECAY_AT_16_OF_32 = EPOCHS_32 + ("--lr-decay-step", "16", "--lr-decay-gamma", "0.1")
@@ -195,6 +196,8 @@ SUPPLEMENTARY_ROWS: List[Row] = [
     # sixteen times: the baseline still improved from 32 to 64 epochs, and the gap
     # narrowed by 0.2-0.35 points per doubling
     *_with_and_without_ps("proxy_anchor", "epochs=128", EPOCHS_128),
+    # and 32 times (one seed): whether the baseline starts to overfit
+    *_with_and_without_ps("proxy_anchor", "epochs=256", EPOCHS_256),
     *_with_and_without_ps("proxy_anchor", "epochs=32 decay@16", DECAY_AT_16_OF_32),
     _ps_row(
         "proxy_anchor",
