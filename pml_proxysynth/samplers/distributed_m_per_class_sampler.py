@@ -16,8 +16,9 @@ class DistributedMPerClassSampler(Sampler[int]):
     Every rank draws the same global batches of ``num_replicas * batch_size`` indices (m
     per class, from ``seed`` and the epoch only, as ``DistributedSampler`` does) and
     yields its own block of ``batch_size`` from each; ``batch_size`` is a multiple of m,
-    so each class's m rows land on one rank. What PML's distributed wrappers gather is then one
-    ``MPerClassSampler`` batch, as in a single process with the global batch size.
+    so each class's m rows land on one rank. What PML's distributed wrappers gather is
+    then one ``MPerClassSampler`` batch, as in a single process with the global batch
+    size.
     Independent per-rank samplers would not give that: their classes could repeat across
     ranks, and nothing would keep their draws apart.
 
