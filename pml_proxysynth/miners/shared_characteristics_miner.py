@@ -58,9 +58,9 @@ class SharedCharacteristicsMiner(BaseMiner):
     (cosine similarities), about 2x cheaper on CPU than the distance's ``cdist``; in
     float32 this resolves distances down to about 1e-3. Distances and weights are
     computed on detached values in at least float32 (half-precision inputs are
-    upcast). All work is vectorised on the embeddings' device; indices are drawn by
-    inverse-CDF sampling (cumsum + searchsorted), which is much faster on CPU than
-    ``torch.multinomial``.
+    upcast), in one dtype for the query and reference rows (their common one). All work
+    is vectorised on the embeddings' device; indices are drawn by inverse-CDF sampling
+    (cumsum + searchsorted), which is much faster on CPU than ``torch.multinomial``.
 
     Args:
         strategy: "standard" (default), "full" or "random".
@@ -141,8 +141,12 @@ class SharedCharacteristicsMiner(BaseMiner):
         if n_query == 0 or n_ref == 0:
             return _empty_triplets(device)
 
-        emb = self._normalized(embeddings)
-        ref = emb if same_ref else self._normalized(ref_emb)
+        # at least float32, and one dtype for both (query and reference may differ)
+        dtype = torch.promote_types(
+            torch.promote_types(embeddings.dtype, ref_emb.dtype), torch.float32
+        )
+        emb = self._normalized(embeddings, dtype)
+        ref = emb if same_ref else self._normalized(ref_emb, dtype)
         # unit rows: squared distance D^2 = 2 - 2 * cosine similarity (one matmul)
         sim = emb @ ref.T
         # a non-finite input row is NaN once normalised, and so is its row or column of
@@ -204,12 +208,9 @@ class SharedCharacteristicsMiner(BaseMiner):
         self._set_stats(emb, ref, a_idx, p_idx, n_idx)
         return a_idx, p_idx, n_idx
 
-    def _normalized(self, x: torch.Tensor) -> torch.Tensor:
-        """Detached, unit-norm rows (by the distance) in at least float32."""
-        x = x.detach()
-        return self.distance.maybe_normalize(
-            x.to(torch.promote_types(x.dtype, torch.float32))
-        )
+    def _normalized(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Detached, unit-norm rows (by the distance) in ``dtype``."""
+        return self.distance.maybe_normalize(x.detach().to(dtype))
 
     def _log_weights(self, sim: torch.Tensor, dim: int) -> torch.Tensor:
         """Log inverse density of unit-sphere distances, up to a constant per row.

@@ -354,6 +354,29 @@ class TestSharedCharacteristicsMinerDistribution(unittest.TestCase):
             observed = counts(a, n, n_rows, len(ry), y=p)
             self.assertGreater(chisquare_groups(observed, expected), P_MIN)
 
+    def test_ref_emb_of_another_dtype(self):
+        # query and reference rows of different dtypes are mined in their common dtype
+        # (at least float32): the same triplets as with both rows cast to it first
+        ref64, ref_labels = small_batch(torch.float64, seed=3)
+        emb64 = small_batch(torch.float64, seed=4)[0][:6]
+        labels = torch.tensor([0, 1, 2, 3, 0, 1]).to(TEST_DEVICE)
+        for query_dtype, ref_dtype in itertools.permutations(TEST_DTYPES, 2):
+            common = torch.promote_types(
+                torch.promote_types(query_dtype, ref_dtype), torch.float32
+            )
+            emb, ref = emb64.to(query_dtype), ref64.to(ref_dtype)
+            for strategy in ("standard", "full", "random"):
+                miner = SharedCharacteristicsMiner(
+                    strategy=strategy, triplets_per_anchor=50
+                )
+                torch.manual_seed(0)
+                got = miner(emb, labels, ref, ref_labels)
+                torch.manual_seed(0)
+                expected = miner(emb.to(common), labels, ref.to(common), ref_labels)
+                self.assertGreater(len(got[0]), 0)
+                for g, e in zip(got, expected):
+                    self.assertTrue(torch.equal(g, e), (query_dtype, ref_dtype))
+
     def test_rows_are_stabilised_separately(self):
         # d = 512: log-weights at D = 0.5 and D = sqrt(2) differ by about 370, so a
         # shift by a max over the whole matrix would underflow every weight of anchor 2
