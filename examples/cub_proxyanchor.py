@@ -21,6 +21,7 @@ import argparse
 import copy
 import gc
 import inspect
+import itertools
 import json
 import logging
 import os
@@ -593,6 +594,25 @@ def ensure_cub(root: str, download: bool = True) -> None:
             f"Re-extract CUB_200_2011.tgz into {root} (or delete {folder} to have it "
             "downloaded again)."
         )
+    check_cub_lines_match(folder)
+
+
+def check_cub_lines_match(folder: str) -> None:
+    """PML's CUB pairs images.txt and image_class_labels.txt line by line and silently
+    skips lines whose image ids differ: SetupError naming the first such line instead
+    (the official archive lists the same ids in the same order)."""
+    paths = [os.path.join(folder, f) for f in CUB_FILES]
+    with open(paths[0]) as images, open(paths[1]) as labels:
+        for number, (image, label) in enumerate(
+            itertools.zip_longest(images, labels, fillvalue=""), 1
+        ):
+            if image.split()[:1] != label.split()[:1]:
+                raise SetupError(
+                    f"CUB-200-2011 in {folder}: line {number} of {CUB_FILES[0]} "
+                    f"({image.strip()!r}) and of {CUB_FILES[1]} ({label.strip()!r}) "
+                    "name different images; PML's reader would drop such images "
+                    f"silently. Re-extract CUB_200_2011.tgz into {os.path.dirname(folder)}."
+                )
 
 
 def download_cub(root: str) -> None:

@@ -634,6 +634,21 @@ def test_incomplete_cub_names_the_missing_file(ex, cub_root, tmp_path, capsys, n
     assert f"{victim} missing" in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("edit", ["swap", "drop"])
+def test_misaligned_cub_lists_are_named(ex, cub_root, tmp_path, capsys, edit):
+    """PML's reader would silently drop the images whose ids differ line by line."""
+    victim = cub_root / "CUB_200_2011" / "image_class_labels.txt"
+    lines = victim.read_text().splitlines()
+    if edit == "swap":
+        lines[2], lines[3] = lines[3], lines[2]
+    else:
+        del lines[2]
+    victim.write_text("\n".join(lines) + "\n")
+    assert ex.main(cub_args(cub_root, tmp_path / "out", "--trunk", "small_conv", "--no-pretrained")) == 1  # fmt: skip
+    err = capsys.readouterr().err
+    assert "line 3 of images.txt" in err and "Traceback" not in err
+
+
 def test_missing_image_file_is_named(ex, cub_root, tmp_path, capsys):
     victim = next((cub_root / "CUB_200_2011" / "images").glob("002.*/*.jpg"))
     victim.unlink()
