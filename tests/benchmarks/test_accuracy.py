@@ -102,3 +102,29 @@ def test_summary_without_the_baseline(bench):
     table = bench.summarise(records, rows, "t")
     line = next(x for x in table.splitlines() if x.startswith("| proxy_anchor+ps |"))
     assert line.endswith("| n/a (vs proxy_anchor) |")
+
+
+def fake_quick_run(row, dataset, seed, extra):
+    """fake_run_one that fails unless the example would train the quick budget."""
+    bench = load_benchmark("accuracy")
+    args = bench.load_example().parse_args(bench.row_argv(row, dataset, seed, extra))
+    if (args.epochs, args.max_train_images) != (1, 1500):
+        raise RuntimeError(f"not quick: {args.epochs} epochs")
+    return fake_run_one(row, dataset, seed, extra)
+
+
+def test_quick_mode_overrides_a_rows_own_flags(bench, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(bench, "run_one", fake_quick_run)
+    argv = ["--quick", "--results-dir", str(tmp_path), "--methods",
+            "proxy_anchor epochs=128", "--seeds", "0", "--jobs", "1"]  # fmt: skip
+    assert bench.main(argv) == 0, capsys.readouterr().err
+
+
+def test_every_run_failed(bench, tmp_path, monkeypatch, capsys):
+    """No summary to write, exit status 1, and the failure named."""
+    monkeypatch.setattr(bench, "run_one", fake_run_one)
+    argv = ["--results-dir", str(tmp_path), "--methods", "proxy_anchor+ps",
+            "--seeds", "0", "--jobs", "1"]  # fmt: skip
+    assert bench.main(argv) == 1
+    assert "proxy_anchor+ps seed 0: RuntimeError" in capsys.readouterr().err
+    assert not (tmp_path / "glyphs.md").exists()
