@@ -611,7 +611,8 @@ def check_cub_lines_match(folder: str) -> None:
                     f"CUB-200-2011 in {folder}: line {number} of {CUB_FILES[0]} "
                     f"({image.strip()!r}) and of {CUB_FILES[1]} ({label.strip()!r}) "
                     "name different images; PML's reader would drop such images "
-                    f"silently. Re-extract CUB_200_2011.tgz into {os.path.dirname(folder)}."
+                    "silently. Re-extract CUB_200_2011.tgz into "
+                    f"{os.path.dirname(folder)}."
                 )
 
 
