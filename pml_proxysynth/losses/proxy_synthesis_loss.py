@@ -8,7 +8,12 @@ import torch
 import torch.nn.functional as F
 from pytorch_metric_learning.distances import BaseDistance
 from pytorch_metric_learning.losses import BaseMetricLossFunction
-from pytorch_metric_learning.reducers import DivisorReducer, MultipleReducers
+from pytorch_metric_learning.reducers import (
+    ClassWeightedReducer,
+    DivisorReducer,
+    DoNothingReducer,
+    MultipleReducers,
+)
 from pytorch_metric_learning.utils import common_functions as c_f
 from torch.func import functional_call
 
@@ -131,6 +136,15 @@ class ProxySynthesisLoss(BaseMetricLossFunction):
                 f"positive_divisor must be one of {POSITIVE_DIVISORS}, "
                 f"got {positive_divisor!r}"
             )
+        for reducer in loss.reducer.modules():
+            if isinstance(reducer, (DoNothingReducer, ClassWeightedReducer)):
+                raise ValueError(
+                    f"ProxySynthesisLoss cannot wrap a {type(loss).__name__} with a "
+                    f"{type(reducer).__name__}: it needs the inner loss reduced to one "
+                    "value over labels that include the synthetic classes C, ..., "
+                    "C+M-1; DoNothingReducer returns the unreduced loss dict, and "
+                    "ClassWeightedReducer has no weight for a synthetic class"
+                )
         term = self.spec.positive_term
         term_reducer = _term_reducer(loss.reducer, term)
         if positive_divisor != "all" and not isinstance(term_reducer, DivisorReducer):
@@ -323,7 +337,11 @@ class ProxySynthesisLoss(BaseMetricLossFunction):
         Autograd casts the gradient back to the Parameter's dtype."""
         param = getattr(self.loss, self.spec.param)
         view = c_f.to_device(param, embeddings).view_as(param)
-        return functional_call(self.loss, {self.spec.param: view}, (embeddings, labels))
+        with contextlib.ExitStack() as restore:
+            _restore_tensor_attributes(self.loss, restore)
+            return functional_call(
+                self.loss, {self.spec.param: view}, (embeddings, labels)
+            )
 
     def _centers_per_class(self) -> int:
         return (
@@ -510,6 +528,7 @@ class ProxySynthesisLoss(BaseMetricLossFunction):
             patches.append((self.loss, "distance", _WithoutPairs(distance, excluded)))
         # an ExitStack runs every restore, also after one that raised
         with contextlib.ExitStack() as restore:
+            _restore_tensor_attributes(self.loss, restore)
             for target, name, value in patches:
                 restore.callback(_set_as_stored, target, name, getattr(target, name))
                 _set_as_stored(target, name, value)
@@ -535,6 +554,21 @@ def _set_as_stored(module: torch.nn.Module, name: str, value: object) -> None:
             slots[name] = value
             return
     vars(module)[name] = value
+
+
+def _restore_tensor_attributes(
+    module: torch.nn.Module, restore: contextlib.ExitStack
+) -> None:
+    """Puts back, when ``restore`` closes, the plain tensor attributes (neither
+    parameters nor buffers) of ``module`` and its submodules: PML's
+    LargeMarginSoftmaxLoss and SphereFaceLoss cast their multiple-angle constants to
+    the embeddings' dtype and move them to their device on every call (in float16,
+    binom(margin, 2n) rounds for margin >= 14 and is inf for margin >= 19; cast under
+    torch.inference_mode, they are inference tensors, which break later backwards)."""
+    for sub in module.modules():
+        for name, value in list(vars(sub).items()):
+            if torch.is_tensor(value):
+                restore.callback(_set_as_stored, sub, name, value)
 
 
 def _term_reducer(

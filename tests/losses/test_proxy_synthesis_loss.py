@@ -858,6 +858,8 @@ def assert_same_state(test: unittest.TestCase, before, after):
     for k, v in attrs.items():
         w = attrs_after[k]
         if torch.is_tensor(v):
+            # torch.equal compares values only: a cast or a move is a change as well
+            test.assertEqual((w.dtype, w.device), (v.dtype, v.device), k)
             test.assertTrue(torch.equal(v.cpu(), w.cpu()), k)
         else:
             test.assertEqual(v, w, k)
@@ -879,9 +881,16 @@ class TestStateHelpers(unittest.TestCase):
         def replace(loss):
             loss.proxies = torch.nn.Parameter(loss.proxies.detach().clone())
 
-        for change in (wrap_distance, renormalise, cast, replace):
+        def cast_constant(loss):  # a plain tensor attribute, to the same values
+            loss.n_range = loss.n_range.double()
+
+        for change in (wrap_distance, renormalise, cast, replace, cast_constant):
             with self.subTest(change=change.__name__):
-                inner = losses.ProxyAnchorLoss(NUM_CLASSES, EMBEDDING_SIZE)
+                inner = (
+                    losses.LargeMarginSoftmaxLoss(NUM_CLASSES, EMBEDDING_SIZE)
+                    if change is cast_constant
+                    else losses.ProxyAnchorLoss(NUM_CLASSES, EMBEDDING_SIZE)
+                )
                 before = inner_state(inner)
                 assert_same_state(self, before, inner_state(inner))
                 change(inner)
@@ -914,6 +923,68 @@ class TestInnerLossUnchanged(unittest.TestCase):
                     wrapper(emb, labels)
                     wrapper.train()
                     self.assert_same_state(before, inner_state(inner))
+
+    def test_large_margin_constants_survive_a_float16_call(self):
+        """PML's LargeMarginSoftmaxLoss and SphereFaceLoss cast their multiple-angle
+        constants (binom(margin, 2n), ...) to the embeddings' dtype, and move them to
+        their device, on every call; in float16, binom(20, 10) = 184756 becomes inf.
+        After a float16 call (NaN, as PML's own loss gives at this margin), the wrapper
+        on the synthesis and on the bare path still gives in float64 what a loss never
+        called in float16 gives: a fresh one on the enlarged set, or a copy."""
+        for cls, training in itertools.product(
+            (losses.LargeMarginSoftmaxLoss, losses.SphereFaceLoss), (True, False)
+        ):
+            with self.subTest(loss=cls.__name__, training=training):
+                torch.manual_seed(0)
+                inner = cls(NUM_CLASSES, EMBEDDING_SIZE, margin=20).to(TEST_DEVICE)
+                untouched = copy.deepcopy(inner)
+                wrapper = ProxySynthesisLoss(inner)
+                wrapper.train(training)
+                emb = torch.randn(BATCH_SIZE, EMBEDDING_SIZE, device=TEST_DEVICE)
+                labels = torch.randint(0, 4, (BATCH_SIZE,), device=TEST_DEVICE)
+                wrapper(emb.half(), labels)
+                emb = emb.double()
+                if training:
+                    syn, loss = synthesis_and_loss(wrapper, emb, labels)
+                    fresh = cls(len(syn.proxies), EMBEDDING_SIZE, margin=20)
+                    copy_proxies_into(fresh.to(TEST_DEVICE), syn.proxies)
+                    expected = fresh(syn.embeddings.detach(), syn.labels)
+                else:
+                    loss, expected = wrapper(emb, labels), untouched(emb, labels)
+                self.assertTrue(torch.isfinite(expected), expected)
+                self.assertTrue(
+                    torch.isclose(loss, expected, rtol=1e-6), (loss, expected)
+                )
+
+    def test_training_after_a_call_in_inference_mode(self):
+        """The constants that PML's LargeMarginSoftmaxLoss and SphereFaceLoss cast on
+        every call, cast under torch.inference_mode (a validation loss), are inference
+        tensors, which autograd refuses to save for backward: the next training step
+        raised. The wrapper's loss and gradients are those of a copy never called under
+        inference mode."""
+        for cls, training in itertools.product(
+            (losses.LargeMarginSoftmaxLoss, losses.SphereFaceLoss), (True, False)
+        ):
+            with self.subTest(loss=cls.__name__, inference_call_training=training):
+                torch.manual_seed(0)
+                inner = cls(NUM_CLASSES, EMBEDDING_SIZE).to(TEST_DEVICE)
+                wrapper = ProxySynthesisLoss(inner)
+                untouched = copy.deepcopy(wrapper)
+                emb = torch.randn(BATCH_SIZE, EMBEDDING_SIZE, device=TEST_DEVICE)
+                labels = torch.randint(0, 4, (BATCH_SIZE,), device=TEST_DEVICE)
+                wrapper.train(training)
+                with torch.inference_mode():
+                    wrapper(emb, labels)
+                wrapper.train()
+                results = []
+                for loss_fn in (wrapper, untouched):
+                    x = emb.clone().requires_grad_()
+                    torch.manual_seed(1)
+                    loss = loss_fn(x, labels)
+                    loss.backward()
+                    results.append((loss, x.grad, next(loss_fn.parameters()).grad))
+                for got, expected in zip(*results):
+                    self.assertTrue(torch.equal(got, expected))
 
     def test_after_a_call_that_raised(self):
         class FailingProxyAnchor(losses.ProxyAnchorLoss):
@@ -1018,6 +1089,34 @@ class TestBadInput(unittest.TestCase):
             emb[2, 3] = value
             with self.assertRaisesRegex(ValueError, "NaN or inf"):
                 self.wrapper(emb, self.labels)
+
+    def test_reducers_that_cannot_reduce_the_enlarged_set(self):
+        """An inner DoNothingReducer returns the loss dict, not a loss (the wrapper's
+        own reducer failed on it with an AttributeError, also in eval mode), and an
+        inner ClassWeightedReducer indexes its C weights with the synthetic labels C,
+        ..., C+M-1 (an IndexError; a device-side assert on CUDA): a ValueError at
+        construction, whether the reducer is the loss's own or one of its
+        MultipleReducers. The bare PML loss takes both."""
+        weighted = reducers.ClassWeightedReducer(torch.ones(4))
+        for make, name, named in (
+            (lambda term: reducers.DoNothingReducer(), "own", "DoNothingReducer"),
+            (lambda term: copy.deepcopy(weighted), "own", "ClassWeightedReducer"),
+            (
+                lambda term: reducers.MultipleReducers({term: copy.deepcopy(weighted)}),
+                "in MultipleReducers",
+                "ClassWeightedReducer",
+            ),
+        ):
+            for cls, term in (
+                (losses.NormalizedSoftmaxLoss, "loss"),
+                (losses.ProxyAnchorLoss, "pos_loss"),
+            ):
+                with self.subTest(loss=cls.__name__, reducer=named, where=name):
+                    inner = cls(4, EMBEDDING_SIZE, reducer=make(term))
+                    copy.deepcopy(inner)(self.emb, self.labels)  # PML takes it
+                    message = f"{cls.__name__} with a {named}"
+                    with self.assertRaisesRegex(ValueError, message):
+                        ProxySynthesisLoss(inner)
 
 
 class TestIntegration(unittest.TestCase):
