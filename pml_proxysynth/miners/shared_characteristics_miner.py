@@ -14,7 +14,6 @@ from typing import Optional, Tuple
 import torch
 from pytorch_metric_learning.distances import LpDistance
 from pytorch_metric_learning.miners import BaseMiner
-from pytorch_metric_learning.utils import common_functions as c_f
 
 STRATEGIES = ("standard", "full", "random")
 
@@ -84,9 +83,23 @@ class SharedCharacteristicsMiner(BaseMiner):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        c_f.assert_distance_type(
-            self, LpDistance, p=2, power=1, normalize_embeddings=True
-        )
+        distance = self.distance
+        # an explicit check, not PML's assert_distance_type: asserts vanish under -O
+        if not (
+            isinstance(distance, LpDistance)
+            and distance.p == 2
+            and distance.power == 1
+            and distance.normalize_embeddings
+        ):
+            got = ", ".join(
+                f"{k}={getattr(distance, k, None)!r}"
+                for k in ("p", "power", "normalize_embeddings")
+            )
+            raise ValueError(
+                "SharedCharacteristicsMiner needs the distance LpDistance(p=2, "
+                f"power=1, normalize_embeddings=True), got {type(distance).__name__}"
+                f"({got})"
+            )
         if strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
         if not _is_real(cutoff) or not 0 <= cutoff < 2:

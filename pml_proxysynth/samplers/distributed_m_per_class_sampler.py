@@ -48,8 +48,10 @@ class DistributedMPerClassSampler(Sampler[int]):
                     "num_replicas and rank are needed without an initialised process "
                     "group"
                 )
-            num_replicas = torch.distributed.get_world_size()
-            rank = torch.distributed.get_rank()
+            if num_replicas is None:
+                num_replicas = torch.distributed.get_world_size()
+            if rank is None:
+                rank = torch.distributed.get_rank()
         for name, value in (("m", m), ("batch_size", batch_size)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")

@@ -120,7 +120,9 @@ class HeadDecorrelationLoss(ModuleWithRecords):
         s = F.normalize(gradient_reversal(parts[self.source]), dim=-1)
         t = F.normalize(gradient_reversal(parts[self.target]), dim=-1)
         prediction = F.normalize(self.regressor(s), dim=-1)
-        correlation = (t * prediction).pow(2).mean()
+        products = (t * prediction).pow(2)
+        # an empty batch gives 0 (as PML's losses do), not the NaN of an empty mean
+        correlation = products.mean() if products.numel() > 0 else products.sum()
         if self.collect_stats:
             self.correlation = correlation.item()
         return -self.rho * correlation

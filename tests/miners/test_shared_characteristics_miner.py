@@ -549,8 +549,10 @@ class TestSharedCharacteristicsMinerEdgeCases(unittest.TestCase):
             LpDistance(power=2),
             LpDistance(normalize_embeddings=False),
         ):
-            with self.assertRaises(AssertionError):
+            # a ValueError (README), not PML's assert, which python -O drops
+            with self.assertRaisesRegex(ValueError, "LpDistance"):
                 SharedCharacteristicsMiner(distance=distance)
+        SharedCharacteristicsMiner(distance=LpDistance(p=2, power=1))
         miner = SharedCharacteristicsMiner(
             cutoff=0, nonzero_loss_cutoff=1.4, triplets_per_anchor=np.int64(2)
         )

@@ -4,8 +4,10 @@ after set_epoch; PML's numpy RNG is left as it was."""
 
 import unittest
 from collections import Counter
+from unittest import mock
 
 import numpy as np
+import torch
 from pytorch_metric_learning.utils import common_functions as c_f
 
 from pml_proxysynth.samplers import DistributedMPerClassSampler
@@ -82,6 +84,28 @@ class TestDistributedMPerClassSampler(unittest.TestCase):
         self.assertEqual(len(list(sampler)), LENGTH)
         self.assertIs(c_f.NUMPY_RANDOM, saved)
         np.testing.assert_array_equal(np.random.get_state()[1], state)
+
+    def test_process_group_fills_in_only_what_is_missing(self):
+        """As DistributedSampler: an explicit num_replicas or rank is kept, the other one
+        comes from the process group (here a mocked group of 2, this process rank 1)."""
+        labels = make_labels()
+        with (
+            mock.patch.object(torch.distributed, "is_initialized", return_value=True),
+            mock.patch.object(torch.distributed, "get_world_size", return_value=2),
+            mock.patch.object(torch.distributed, "get_rank", return_value=1),
+        ):
+            cases = [
+                (dict(), (2, 1)),
+                (dict(num_replicas=WORLD_SIZE), (WORLD_SIZE, 1)),
+                (dict(rank=0), (2, 0)),
+                (dict(num_replicas=WORLD_SIZE, rank=2), (WORLD_SIZE, 2)),
+            ]
+            for given, expected in cases:
+                with self.subTest(given=given):
+                    sampler = DistributedMPerClassSampler(
+                        labels, M, BATCH_SIZE, LENGTH, **given
+                    )
+                    self.assertEqual((sampler.num_replicas, sampler.rank), expected)
 
     def test_bad_arguments(self):
         labels = make_labels()

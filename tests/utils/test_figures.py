@@ -27,6 +27,16 @@ def test_project_2d_tsne_and_pca_fallback(monkeypatch):
     assert project_2d(np.ones((3, 1)))[0].shape == (3, 2)
 
 
+def test_project_2d_of_one_dimensional_rows():
+    # enough rows for t-SNE, whose PCA initialisation cannot take 1 feature
+    x = torch.randn(12, 1, generator=torch.Generator().manual_seed(0))
+    points, method = project_2d(x)
+    assert points.shape == (12, 2) and method == "PCA"
+    centred = (x[:, 0] - x[:, 0].mean()).numpy()
+    np.testing.assert_allclose(np.abs(points[:, 0]), np.abs(centred), rtol=1e-5)
+    np.testing.assert_array_equal(points[:, 1], 0)
+
+
 def test_figures_are_written(tmp_path):
     torch.manual_seed(0)
     embeddings, labels = torch.randn(24, 8), torch.arange(6).repeat_interleave(4)

@@ -197,6 +197,20 @@ class TestHeadDecorrelationLoss(unittest.TestCase):
         self.assertEqual(loss.item(), 0)
         self.assertFalse(emb.grad.any())
 
+    def test_empty_batch_gives_zero(self):
+        # PML's losses give 0 on an empty batch; a mean over no rows would be NaN
+        loss_func = HeadDecorrelationLoss([3, 3], rho=2, hidden=4, collect_stats=True)
+        for dtype in TEST_DTYPES:
+            loss_func.to(TEST_DEVICE, dtype)
+            emb = torch.zeros(0, 6, device=TEST_DEVICE, dtype=dtype, requires_grad=True)
+            loss = loss_func(emb)
+            self.assertEqual(loss.item(), 0)
+            self.assertEqual(loss_func.correlation, 0)
+            loss.backward()
+            for p in loss_func.parameters():
+                self.assertFalse(p.grad.any())
+                p.grad = None
+
     def test_stats(self):
         loss_func = HeadDecorrelationLoss([3, 3], rho=2, collect_stats=True)
         loss = loss_func(torch.randn(4, 6))
