@@ -15,9 +15,9 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import time
 import unicodedata
+import uuid
 import zipfile
 import zlib
 from dataclasses import dataclass
@@ -229,7 +229,10 @@ def _name_contradicts(codepoint: int, glyph_name: str, same_glyph: set[int]) -> 
 
 
 def _charmap(path: str) -> tuple[FT2Font, dict[int, int]]:
-    font = FT2Font(path)
+    try:
+        font = FT2Font(path)
+    except (RuntimeError, OSError) as e:  # FreeType's message does not name the file
+        raise ValueError(f"{path} is not a readable font file ({e})") from e
     charmap = {
         cp: gid
         for cp, gid in font.get_charmap().items()
@@ -377,6 +380,8 @@ def _homoglyph_keep(
     Alpha or Cyrillic A). ``threshold=0`` removes nothing.
     """
     n, n_fonts = present.shape
+    if n == 0:  # nothing to compare (reshape below cannot infer -1 from 0 rows)
+        return np.ones(0, dtype=bool)
     # Font-major and contiguous (strided matmul operands are several times
     # slower); float64 on raw uint8 values keeps every dot product exact.
     x = np.ascontiguousarray(clean.reshape(n, n_fonts, -1).transpose(1, 0, 2))
@@ -560,7 +565,10 @@ def _write_cache(
 ) -> None:
     """Write into a temporary sibling folder, then rename it into place."""
     cache_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{cache_dir.name}.tmp-", dir=cache_dir.parent))
+    # Not tempfile.mkdtemp: its mode 0o700 would survive the rename, so other users
+    # could not read a shared cache; mkdir honours the umask like any other folder.
+    tmp = cache_dir.parent / f".{cache_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex}"
+    tmp.mkdir()
     try:
         for split, arrs in arrays.items():
             _save_npz(tmp / _data_file(split), arrs)
@@ -741,7 +749,9 @@ class Glyphs(Dataset):
             max_classes = _int_arg("max_classes", max_classes, 2)
         if (
             isinstance(homoglyph_threshold, bool)
-            or not isinstance(homoglyph_threshold, (int, float))
+            or not isinstance(
+                homoglyph_threshold, (int, float, np.integer, np.floating)
+            )
             or not 0.0 <= homoglyph_threshold < 1.0
         ):
             raise ValueError(

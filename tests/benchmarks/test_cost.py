@@ -117,3 +117,60 @@ def test_quick_run_reports_every_section_and_target(tmp_path):
         assert section in report
     verdicts = [line for line in report.splitlines() if line.startswith("- ")]
     assert sum(line.endswith(": met") or ": MISSED" in line for line in verdicts) >= 4
+
+
+def target_line(lines, start):
+    (line,) = [x for x in lines if x.startswith(start)]
+    return line
+
+
+def test_ps_targets_on_a_fake_timing_table(bench, monkeypatch):
+    """--quick grid (B 64, C 100 and 1000, mu 1, so M = 64): the verdicts recomputed
+    here from the ideal (B+M)(C+M)/(BC) = 3.28 (C 100) and 2.128 (C 1000)."""
+    wrapper = {100: 10.0, 1000: 2.128 * 1.2}  # C 100 is exempt; C 1000 is 1.20x ideal
+    official = {100: 20.0, 1000: 2.128 * 1.2 / 1.1}  # C 1000: 1.10x slower than it
+
+    def cell(loss_name, batch_size, num_classes, mu, dim, device, config):
+        t = {"bare": 1.0, "wrapper": wrapper[num_classes]}
+        if loss_name == "NormalizedSoftmaxLoss":
+            t["official"] = official[num_classes]
+        return {k: bench.Timing(v, 5) for k, v in t.items()}, {}
+
+    monkeypatch.setattr(bench, "ps_cell", cell)
+    lines = bench.run_ps(torch.device("cpu"), bench.TimingConfig(5, 1, 1.0), True)
+    ideal = target_line(lines, "- wrapper/bare within 1.15x")
+    assert ideal.endswith(
+        "MISSED (NormalizedSoftmaxLoss B=64 C=1000 mu=1.0: 1.20; "
+        "ProxyAnchorLoss B=64 C=1000 mu=1.0: 1.20)"
+    )
+    slower = target_line(lines, "- wrapper never slower")
+    assert slower.endswith("MISSED (NormalizedSoftmaxLoss B=64 C=1000 mu=1.0: 1.10)")
+    row = [x for x in lines if x.startswith("| NormalizedSoftmaxLoss | 64 | 1000 |")]
+    cells = [c.strip() for c in row[0].strip("|").split("|")]
+    assert cells[4] == "64" and cells[9] == "2.13" and cells[10] == "1.20"
+
+
+def test_miner_targets_on_a_fake_timing_table(bench, monkeypatch):
+    """--quick grid (B 112 and 256, D 128); the ratios are time(other) / time(miner)."""
+    ms = {"standard": 1.0, "full": 2.0, "DWM": 1.5, "TMM-semihard": 4.0}
+    ms.update({"loop-std": 30.0, "loop-full": 30.0})  # 30x, 15x
+    ms.update({"matrix-loop-std": 25.0, "matrix-loop-full": 50.0})  # 25x, 25x
+    monkeypatch.setattr(
+        bench,
+        "time_round_robin",
+        lambda fns, device, config: {
+            name: bench.Timing(ms[name] / 1e3, 5) for name in fns
+        },
+    )
+    lines = bench.run_miner(
+        torch.device("cpu"), bench.TimingConfig(5, 1, 1.0), True, 2, "semihard"
+    )
+    dwm = target_line(lines, "- no slower than DistanceWeightedMiner")
+    assert dwm.endswith(
+        "MISSED (B=112 D=128: 1.50x / 0.75x; B=256 D=128: 1.50x / 0.75x)"
+    )
+    loop = target_line(lines, "- >= 20x faster than the loop")
+    assert loop.endswith("MISSED (B=256 D=128: 30.0x / 15.0x)")
+    assert target_line(lines, "- the same against the half-vectorised").endswith(
+        ": met"
+    )

@@ -354,6 +354,20 @@ class TestDeterminismAndCache(SmallGlyphsCase):
         self.assertEqual(sorted(Path(self.root).iterdir()), before)
         np.testing.assert_array_equal(small(self.root, "test").data, self.test.data)
 
+    def test_cache_folder_permissions_follow_the_umask(self):
+        # A shared data folder: the cache must be as readable as any folder made
+        # there (tempfile.mkdtemp's 0o700 would survive the rename).
+        with tempfile.TemporaryDirectory() as root:
+            old_umask = os.umask(0o022)
+            try:
+                ds = small(root, "train")
+                (Path(root) / "plain").mkdir()
+            finally:
+                os.umask(old_umask)
+            mode = ds.cache_dir.stat().st_mode & 0o777
+            self.assertEqual(mode, (Path(root) / "plain").stat().st_mode & 0o777)
+            self.assertEqual(mode, 0o755)
+
     def test_different_config_uses_a_different_cache_dir(self):
         with tempfile.TemporaryDirectory() as root:
             base = small(root, "train")
@@ -410,6 +424,28 @@ class TestErrors(unittest.TestCase):
         self.assert_value_error("extra_font_dirs", extra_font_dirs="/no/such/dir")
         self.assert_value_error("min_fonts", characters="AΑ")  # 1 class left
         self.assertEqual(list(Path(self.root).iterdir()), [])
+
+    def test_no_candidate_character_is_the_documented_error(self):
+        # No character drawn by min_fonts fonts: the same message as for one, not a
+        # numpy reshape error from the empty homoglyph check.
+        for characters in ("\u4e00", "", []):
+            self.assert_value_error("lower min_fonts", characters=characters)
+        self.assertEqual(list(Path(self.root).iterdir()), [])
+
+    def test_unreadable_font_file_is_named(self):
+        with tempfile.TemporaryDirectory() as extra:
+            broken = Path(extra) / "Broken.ttf"
+            broken.write_text("not a font")
+            self.assert_value_error(str(broken), extra_font_dirs=extra)
+
+    def test_numpy_float_threshold_is_accepted(self):
+        # numpy integers are accepted for the integer arguments; numpy floats in
+        # range must not get the "must be in [0, 1)" error.
+        ds = small(self.root, "train", homoglyph_threshold=np.float32(0.25))
+        self.assertAlmostEqual(ds.config["homoglyph_threshold"], 0.25)
+        self.assert_value_error(
+            "homoglyph_threshold", homoglyph_threshold=np.float64(1.0)
+        )
 
     def test_excluded_fonts_are_refused(self):
         for name in EXCLUDED_FILES:
