@@ -131,6 +131,7 @@ STRUCTURAL_OPTIONS = (
     "shared_size",
     "decorrelation_rho",
     "max_train_images",
+    "seed",  # picks the --max-train-images subset, hence its classes (and proxies)
     "glyphs_option",
     "world_size",  # a torchrun run's loss checkpoint is DistributedLossWrapper's
     "ps",  # ProxySynthesisLoss saves its inner loss's proxies as loss.proxies
@@ -452,6 +453,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
          + ", ".join(EXCLUDABLE_LOSSES)),
         (args.ps and args.loss in TUPLE_LOSSES,
          f"--loss {args.loss} is not a proxy loss: Proxy Synthesis needs --no-ps"),
+        (bool({"num_classes", "embedding_size"} & set(args.loss_kwargs)),
+         "--loss-kwargs: num_classes and embedding_size are set by the example (the "
+         "number of training classes, --embedding-size)"),
         (recall_k.isdigit() and int(recall_k) not in args.recall_ks,
          f"--primary-metric {args.primary_metric} needs its K in --recall-ks"),
     ]
@@ -557,10 +561,18 @@ class StanfordOnlineProducts(CheckedImagesMixin, datasets.StanfordOnlineProducts
     """PML's Stanford Online Products (Ebay_train.txt / Ebay_test.txt), checked."""
 
 
-# --dataset -> (class, its root under --data-root, a file the class reads there)
+# --dataset -> (class, its root under --data-root, the files the class reads there,
+# the first one marking the dataset's presence)
 PHOTO_DATASETS = {
-    "cars196": (Cars196, "Cars196", "names.csv"),
-    "sop": (StanfordOnlineProducts, "", "Stanford_Online_Products/Ebay_train.txt"),
+    "cars196": (Cars196, "Cars196", ("names.csv", "anno_train.csv", "anno_test.csv")),
+    "sop": (
+        StanfordOnlineProducts,
+        "",
+        (
+            "Stanford_Online_Products/Ebay_train.txt",
+            "Stanford_Online_Products/Ebay_test.txt",
+        ),
+    ),
 }
 
 
@@ -661,14 +673,22 @@ def build_dataset(args: argparse.Namespace, split: str, transform=None):
         ensure_cub(args.data_root, download=not args.no_download)
         return CUB(args.data_root, split=split, transform=transform, download=False)
     if args.dataset in PHOTO_DATASETS:
-        dataset_class, folder, marker = PHOTO_DATASETS[args.dataset]
+        dataset_class, folder, files = PHOTO_DATASETS[args.dataset]
         root = os.path.join(args.data_root, folder)
+        marker = files[0]
         if not os.path.isfile(os.path.join(root, marker)):
             raise SetupError(
                 f"{dataset_class.__name__} not found: {os.path.join(root, marker)} does "
                 f"not exist. Download it ({dataset_class.DOWNLOAD_URL}) and unpack it "
                 f"so that this file exists, or point --data-root at the folder that "
                 f"holds {os.path.join(folder, marker)}."
+            )
+        missing = [os.path.join(root, f) for f in files[1:]]
+        missing = [path for path in missing if not os.path.isfile(path)]
+        if missing:
+            raise SetupError(
+                f"{dataset_class.__name__} in {root} is incomplete: "
+                f"{', '.join(missing)} missing. Unpack its archive there again."
             )
         return dataset_class(root, split=split, transform=transform, download=False)
     try:
@@ -1315,7 +1335,14 @@ class RNGState:
     torch's (CPU, and the current CUDA device once CUDA is in use), numpy's global one
     (PML's samplers draw from it through ``c_f.NUMPY_RANDOM``) and python's. Restored
     on --resume, they make the resumed epochs draw the batches, augmentations and Proxy
-    Synthesis pairs of an uninterrupted run."""
+    Synthesis pairs of an uninterrupted run. With ``sampler`` a PML ``MPerClassSampler``,
+    also the order of its classes: it shuffles that list in place at every pass, so the
+    next pass depends on the order the last one left."""
+
+    def __init__(self, sampler=None):
+        self.sampler = (
+            sampler if isinstance(sampler, samplers.MPerClassSampler) else None
+        )
 
     def state_dict(self) -> Dict[str, Any]:
         kind, key, pos, has_gauss, gauss = np.random.get_state()
@@ -1333,6 +1360,10 @@ class RNGState:
         }
         if torch.cuda.is_initialized():
             state["cuda"] = torch.cuda.get_rng_state()
+        if self.sampler is not None:
+            state["sampler_classes"] = torch.tensor(
+                [int(c) for c in self.sampler.labels]
+            )
         return state
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
@@ -1345,13 +1376,16 @@ class RNGState:
         random.setstate(state["python"])
         if "cuda" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state(state["cuda"].cpu())
+        if self.sampler is not None and "sampler_classes" in state:
+            classes = {int(c): c for c in self.sampler.labels}
+            self.sampler.labels = [classes[int(c)] for c in state["sampler_classes"]]
 
 
 def add_run_state(trainer, hooks: logging_presets.HookContainer) -> None:
     """Makes PML's hooks save (with every checkpoint) and load what they do not know of:
     the RNG states (``rng_state_<epoch>.pth``) and, with --amp on CUDA, the GradScaler's
     loss scale (``grad_scaler_<epoch>.pth``)."""
-    trainer.run_state = {"rng_state": RNGState()}
+    trainer.run_state = {"rng_state": RNGState(getattr(trainer, "sampler", None))}
     scaler = getattr(trainer, "grad_scaler", None)
     if scaler is not None and scaler.is_enabled():
         trainer.run_state["grad_scaler"] = scaler

@@ -251,14 +251,19 @@ def test_resume_after_interruption_restores_proxies_and_optimizer(
     assert param_state["step"] > 0
 
 
-def test_resumed_run_equals_uninterrupted_run(ex, cub_root, tmp_path):
+@pytest.mark.parametrize(
+    "sampler",
+    [[], ["--sampler", "m_per_class", "--m-per-class", "2"]],  # m_per_class: PML's
+    ids=["random", "m_per_class"],  # sampler shuffles its class list in place
+)
+def test_resumed_run_equals_uninterrupted_run(ex, cub_root, tmp_path, sampler):
     """The RNG states are saved with each checkpoint: 1 epoch + --resume to 2 epochs
     draws the batches, flips and Proxy Synthesis pairs of 2 uninterrupted epochs, and
     ends with the same weights."""
 
     def run(out, *extra):
         flags = cub_args(cub_root, out, "--trunk", "small_conv", "--no-pretrained",
-                         "--no-plots", "--batch-size", "4", *extra)  # fmt: skip
+                         "--no-plots", "--batch-size", "4", *sampler, *extra)  # fmt: skip
         return ex.main(without_iterations_per_epoch(flags))
 
     full, resumed = tmp_path / "full", tmp_path / "resumed"
@@ -450,6 +455,21 @@ def test_missing_cars196_is_one_message(ex, tmp_path, capsys):
     assert ex.main(flags) == 1
     err = capsys.readouterr().err
     assert str(tmp_path / "Cars196" / "names.csv") in err and "Download" in err
+
+
+@pytest.mark.parametrize(
+    "dataset, make, victim",
+    [("cars196", make_cars196, "Cars196/anno_test.csv"),
+     ("sop", make_sop, "Stanford_Online_Products/Ebay_test.txt")],
+)  # fmt: skip
+def test_incomplete_cars196_and_sop_name_the_missing_file(ex, tmp_path, capsys, dataset, make, victim):  # fmt: skip
+    """PML's readers open these files only when the split is built: a traceback."""
+    root = make(tmp_path / "data")
+    (root / victim).unlink()
+    flags = ["--dataset", dataset, *cub_args(root, tmp_path / "run", "--trunk", "small_conv", "--no-pretrained")]  # fmt: skip
+    assert ex.main(flags) == 1
+    err = capsys.readouterr().err
+    assert f"{root / victim} missing" in err and "Traceback" not in err
 
 
 def test_glyphs_shared_head_end_to_end(ex, tmp_path):
@@ -706,6 +726,21 @@ def test_output_dir_protection(ex, cub_root, tmp_path, capsys):
     assert ex.main(flags + ["--overwrite"]) == 0
 
 
+def test_resume_with_another_seed_of_a_subsampled_run_is_one_message(ex, cub_root, tmp_path, capsys):  # fmt: skip
+    """With --max-train-images the seed picks the training images, hence the classes
+    and the number of proxies: a --resume with another --seed would train on another
+    subset (or fail to load the proxies)."""
+    out = tmp_path / "run"
+    flags = cub_args(cub_root, out, "--trunk", "small_conv", "--no-pretrained",
+                     "--no-plots", "--batch-size", "4", "--max-train-images", "5")  # fmt: skip
+    assert ex.main(flags + ["--seed", "1"]) == 0
+    capsys.readouterr()
+    assert ex.main(flags + ["--seed", "0", "--resume", "--epochs", "2"]) == 1
+    err = capsys.readouterr().err
+    assert "other option: --seed 1" in err and "Traceback" not in err
+    assert accuracy_epochs(out) == [1]
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
@@ -721,6 +756,10 @@ def test_output_dir_protection(ex, cub_root, tmp_path, capsys):
         (["--glyphs-option", "max_classes=4"], "needs --dataset glyphs"),
         (["--dataset", "glyphs", "--glyphs-option", "colour=1"], "unknown key"),
         (["--loss-kwargs", "[1, 2]"], "JSON object"),
+        # crashed in the first forward pass (embedding_size), or changed the number of
+        # proxies away from the training classes (num_classes)
+        (["--loss-kwargs", '{"embedding_size": 8}'], "are set by the example"),
+        (["--loss", "arcface", "--loss-kwargs", '{"num_classes": 2}'], "num_classes"),
         (["--loss", "triplet"], "invalid choice"),
         (["--epochs", "0"], "must be > 0"),
         (["--crop-scale", "1.5"], "--crop-scale"),
