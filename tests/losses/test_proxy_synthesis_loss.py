@@ -528,6 +528,32 @@ class TestPairing(unittest.TestCase):
             counts = torch.bincount(pairs[:, 0], minlength=16)
             self.assertTrue((counts == 2).all())
 
+    def test_random_partner_is_uniform_over_the_other_classes(self):
+        """ "random" pairs row i with a row drawn uniformly from the rows of the other
+        classes: over many draws, the partners of each first parent i are counted and
+        compared (chi-square) with the uniform distribution on {j : y_j != y_i},
+        written out here. A partner picked by any fixed rule (the first, the nearest,
+        ...) of another class satisfies the class constraint and fails here."""
+        labels = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 2, 3], device=TEST_DEVICE)
+        batch_size, draws = len(labels), 1000
+        emb = torch.randn(batch_size, EMBEDDING_SIZE, device=TEST_DEVICE)
+        wrapper = ProxySynthesisLoss(
+            losses.ProxyAnchorLoss(4, EMBEDDING_SIZE).to(TEST_DEVICE), mu=1.0
+        )
+        observed = np.zeros((batch_size, batch_size))
+        torch.manual_seed(0)
+        for _ in range(draws):
+            pairs = wrapper.synthesize(emb, labels).pairs.cpu().numpy()
+            np.add.at(observed, (pairs[:, 0], pairs[:, 1]), 1)
+        y = labels.cpu().numpy()
+        self.assertTrue((observed.sum(1) == draws).all())  # mu = 1: each row once
+        for i in range(batch_size):
+            others = y != y[i]
+            self.assertEqual(observed[i, ~others].sum(), 0)
+            expected = np.full(others.sum(), draws / others.sum())
+            p_value = scipy.stats.chisquare(observed[i, others], expected).pvalue
+            self.assertGreater(p_value, 1e-3, (i, observed[i]))
+
     def test_roll_pairs_with_predecessors(self):
         labels = torch.tensor([0, 1, 2, 0, 1, 2])
         wrapper = ProxySynthesisLoss(

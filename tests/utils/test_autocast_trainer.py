@@ -128,17 +128,30 @@ class TestAutocastTrainer(unittest.TestCase):
         self.assertLess(scaler.get_scale(), 2.0**8)
 
     def test_grad_scaler_steps_finite_gradients(self):
-        scaler = torch.amp.GradScaler(TEST_DEVICE.type, init_scale=2.0**8)
-        inner = losses.ProxyAnchorLoss(NUM_CLASSES, DIM)
-        trainer, trunk, _, _ = build(
-            with_autocast(trainers.CascadedEmbeddings), ProxySynthesisLoss(inner),
-            key="metric_loss_0", embedding_sizes=[DIM], amp_dtype=amp_dtype(),
-            grad_scaler=scaler,
-        )  # fmt: skip
-        before = (trunk.weight.detach().clone(), inner.proxies.detach().clone())
-        trainer.train(num_epochs=1)
-        self.assertFalse(torch.equal(before[0], trunk.weight.detach()))
-        self.assertFalse(torch.equal(before[1], inner.proxies.detach()))
+        """With finite gradients the scaler changes nothing but the scale: the loss is
+        scaled by a power of 2 and the gradients unscaled before each step, so the
+        weights end where the same autocast trainer without a scaler leaves them."""
+        results = []
+        for scaler in (torch.amp.GradScaler(TEST_DEVICE.type, init_scale=2.0**8), None):
+            torch.manual_seed(0)  # the same proxies (build seeds the rest)
+            inner = losses.ProxyAnchorLoss(NUM_CLASSES, DIM)
+            trainer, trunk, _, _ = build(
+                with_autocast(trainers.CascadedEmbeddings), ProxySynthesisLoss(inner),
+                key="metric_loss_0", embedding_sizes=[DIM], amp_dtype=amp_dtype(),
+                grad_scaler=scaler,
+            )  # fmt: skip
+            before = (trunk.weight.detach().clone(), inner.proxies.detach().clone())
+            trainer.train(num_epochs=1)
+            after = (trunk.weight.detach().clone(), inner.proxies.detach().clone())
+            for b, a in zip(before, after):
+                self.assertFalse(torch.equal(b, a))
+            results.append((after, trainer.seen_losses))
+        (scaled, scaled_losses), (plain, plain_losses) = results
+        self.assertEqual(len(scaled_losses), 3)
+        # the recorded losses are the unscaled ones
+        torch.testing.assert_close(scaled_losses, plain_losses, rtol=1e-5, atol=1e-6)
+        for got, expected in zip(scaled, plain):
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
 
     def test_grad_scaler_with_an_optimizer_without_gradients(self):
         """Without tuples the margin loss's betas get no gradient: their optimizer is

@@ -24,6 +24,14 @@ def test_project_2d_tsne_and_pca_fallback(monkeypatch):
     monkeypatch.setitem(sys.modules, "sklearn.manifold", None)  # scikit-learn missing
     points, method = project_2d(x)
     assert points.shape == (40, 2) and method == "PCA"
+    # the centred rows on the two leading eigenvectors of their covariance (up to sign)
+    centred = (x - x.mean(0)).double().numpy()
+    eigenvalues, eigenvectors = np.linalg.eigh(centred.T @ centred)
+    leading = eigenvectors[:, np.argsort(eigenvalues)[::-1][:2]]
+    expected = centred @ leading
+    for k in range(2):
+        sign = np.sign(points[:, k] @ expected[:, k])
+        np.testing.assert_allclose(sign * points[:, k], expected[:, k], atol=1e-4)
     assert project_2d(np.ones((3, 1)))[0].shape == (3, 2)
 
 

@@ -252,6 +252,11 @@ class TestDecorrelatedCascadedEmbeddings(unittest.TestCase):
         torch.set_num_threads(cls.num_threads)
 
     def test_trains_regressor_and_records_loss(self):
+        """Each iteration, the loss gets this iteration's full embedder output (the
+        very tensor, so the reversed gradient reaches the encoders), and the trainer
+        records weight * L_dec of algorithms.md B.6 on it, written out here with the
+        regressor's parameters of that iteration."""
+        weight, rho = 0.5, 5
         for dtype in TEST_DTYPES:
             if dtype == torch.float16:
                 continue  # no half-precision training on CPU
@@ -263,12 +268,29 @@ class TestDecorrelatedCascadedEmbeddings(unittest.TestCase):
                 self.labels,
                 3,
                 dtype,
-                rho=5,
+                rho=rho,
+                loss_weights={
+                    "metric_loss_0": 1,
+                    "metric_loss_1": 0.3,
+                    "decorrelation_loss": weight,
+                },
                 end_of_iteration_hook=lambda t, rec=recorded: rec.append(
                     dict(t.losses)
                 ),
             )
             regressor = trainer.loss_funcs["decorrelation_loss"]
+            outputs, inputs = [], []
+            trainer.models["embedder"].register_forward_hook(
+                lambda module, args, output, out=outputs: out.append(output)
+            )
+            regressor.register_forward_pre_hook(
+                lambda module, args, seen=inputs: seen.append(
+                    (
+                        args[0],
+                        [p.detach().clone() for p in module.regressor.parameters()],
+                    )
+                )
+            )
             before = snapshot(regressor)
             trunk_before = snapshot(trainer.models["trunk"])
             trainer.train(1, 1)
@@ -278,8 +300,20 @@ class TestDecorrelatedCascadedEmbeddings(unittest.TestCase):
                 self.assertFalse(torch.equal(v, trunk_before[k]), k)
             self.assertIn("decorrelation_loss", trainer.loss_names)
             self.assertEqual(len(recorded), 3)
-            for losses_ in recorded:
-                self.assertLess(losses_["decorrelation_loss"].item(), 0)
+            self.assertEqual(len(outputs), 3)
+            self.assertEqual(len(inputs), 3)
+            for losses_, output, (given, params) in zip(recorded, outputs, inputs):
+                self.assertIs(given, output)
+                correct = reference_decorrelation(
+                    output.detach().double(), [8, 8], 1, 0, rho,
+                    [p.double() for p in params],
+                )  # fmt: skip
+                self.assertLess(correct.item(), 0)
+                self.assertAlmostEqual(
+                    losses_["decorrelation_loss"].item(),
+                    weight * correct.item(),
+                    delta=1e-5 * abs(correct.item()),
+                )
                 total = sum(v for k, v in losses_.items() if k != "total_loss")
                 self.assertTrue(torch.isclose(losses_["total_loss"], total))
 
