@@ -429,6 +429,66 @@ class TestSharedCharacteristicsMinerDistribution(unittest.TestCase):
             ]
             self.assertTrue(set(servable) <= set(a.cpu().tolist()))
 
+    def test_nonzero_loss_cutoff_full_positives(self):
+        """The upper cutoff restricts negatives only: under "full" the positive is
+        distance-weighted over all third-class rows, far ones included."""
+        cutoff = 1.2  # no pair of the batch lies within 0.025 of it
+        labels_np = np.array(LABELS)
+        n_rows = len(LABELS)
+        for dtype in TEST_DTYPES:
+            emb, labels = small_batch(dtype)
+            x = as_numpy64(emb)
+            dist = np.linalg.norm(x[:, None] - x[None], axis=-1)
+            log_w = ref_log_weights(emb, emb)
+            torch.manual_seed(0)
+            miner = SharedCharacteristicsMiner(
+                strategy="full", nonzero_loss_cutoff=cutoff, triplets_per_anchor=DRAWS
+            )
+            a, p, n = miner(emb, labels)
+            expected = np.zeros((n_rows, n_rows, n_rows))
+            for i in range(n_rows):
+                near = (labels_np != labels_np[i]) & (dist[i] < cutoff)
+                if not near.any():
+                    continue  # no negative: the anchor is not served
+                p_neg = normalised(log_w[i], near)
+                for j in np.nonzero(near)[0]:
+                    third = (labels_np != labels_np[i]) & (labels_np != labels_np[j])
+                    expected[i, j] = DRAWS * p_neg[j] * normalised(log_w[i], third)
+            self.assertEqual(len(a), round(expected.sum()))
+            observed = counts(a, n, n_rows, n_rows, y=p)
+            served = expected.sum((1, 2)) > 0
+            self.assertGreater(
+                chisquare_groups(observed[served], expected[served]), P_MIN
+            )
+            # some positives lie beyond the cutoff
+            self.assertTrue(np.any(dist[a.cpu(), p.cpu()] > cutoff))
+
+    def test_random_strategy_shuffles_query_and_ref_labels_together(self):
+        """With a separate ref_emb, one permutation of the query and reference labels
+        together: query rows of a class that ref_emb lacks still find pseudo-label
+        partners there. An anchor is served iff its pseudo-label is on some reference
+        row; over the 12! permutations of the labels below that has probability
+        4/12 * (1 - 1/C(11, 3)) + 8/12 * (1 - 3/11) (label 5, whose 3 other copies
+        must not all be on the 3 other query rows, or one of the 8 labels that occur
+        twice, whose copy must not be on them)."""
+        ref_labels = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3]).to(TEST_DEVICE)
+        labels = torch.full((4,), 5).to(TEST_DEVICE)
+        p_served = 4 / 12 * (1 - 1 / 165) + 8 / 12 * (1 - 3 / 11)
+        calls = 50
+        for dtype in TEST_DTYPES:
+            g = torch.Generator().manual_seed(0)
+            emb = torch.randn(4, 8, generator=g).to(dtype).to(TEST_DEVICE)
+            ref_emb = torch.randn(8, 8, generator=g).to(dtype).to(TEST_DEVICE)
+            miner = SharedCharacteristicsMiner(strategy="random")
+            torch.manual_seed(0)
+            served = 0
+            for _ in range(calls):
+                a, p, n = miner(emb, labels, ref_emb, ref_labels)
+                self.assertEqual(len(torch.unique(a)), len(a))
+                served += len(a)
+            pvalue = stats.binomtest(served, 4 * calls, p_served).pvalue
+            self.assertGreater(pvalue, P_MIN, served)
+
 
 class TestSharedCharacteristicsMinerEdgeCases(unittest.TestCase):
     def test_fewer_than_three_classes(self):
@@ -519,6 +579,11 @@ class TestSharedCharacteristicsMinerEdgeCases(unittest.TestCase):
                 good = torch.randn(8, 4).to(dtype).to(TEST_DEVICE)
                 with self.assertRaisesRegex(ValueError, "ref_emb contain NaN or Inf"):
                     miner(good, labels, emb, labels)
+                # a bad query row (not the first) against a finite ref_emb
+                with self.assertRaisesRegex(
+                    ValueError, "embeddings contain NaN or Inf"
+                ):
+                    miner(emb, labels, good, labels)
 
     def test_large_finite_values_are_accepted(self):
         emb = torch.full((8, 4), 6.0e4, dtype=torch.float16).to(TEST_DEVICE)

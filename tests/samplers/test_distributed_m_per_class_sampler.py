@@ -85,6 +85,37 @@ class TestDistributedMPerClassSampler(unittest.TestCase):
         self.assertIs(c_f.NUMPY_RANDOM, saved)
         np.testing.assert_array_equal(np.random.get_state()[1], state)
 
+    def test_len_rounds_down_to_whole_batches(self):
+        """length_before_new_iter counts indices per rank, rounded down to whole
+        batches of BATCH_SIZE: len() is what iteration yields."""
+        labels = make_labels()
+        for length in (BATCH_SIZE, LENGTH + 1, LENGTH + BATCH_SIZE - 1):
+            expected = (length // BATCH_SIZE) * BATCH_SIZE
+            for rank in range(WORLD_SIZE):
+                with self.subTest(length=length, rank=rank):
+                    sampler = DistributedMPerClassSampler(
+                        labels, M, BATCH_SIZE, length, num_replicas=WORLD_SIZE,
+                        rank=rank,
+                    )  # fmt: skip
+                    self.assertEqual(len(sampler), expected)
+                    self.assertEqual(len(list(sampler)), expected)
+
+    def test_exactly_enough_classes(self):
+        """A global batch of m rows of every class is allowed, and then holds them all."""
+        labels = make_labels(num_classes=WORLD_SIZE * BATCH_SIZE // M)
+        per_rank = [
+            batches(
+                DistributedMPerClassSampler(
+                    labels, M, BATCH_SIZE, LENGTH, num_replicas=WORLD_SIZE, rank=r
+                )
+            )
+            for r in range(WORLD_SIZE)
+        ]
+        for step in zip(*per_rank):
+            counts = Counter(labels[np.concatenate(step)])
+            self.assertEqual(set(counts), set(labels))
+            self.assertEqual(set(counts.values()), {M})
+
     def test_process_group_fills_in_only_what_is_missing(self):
         """As DistributedSampler: an explicit num_replicas or rank is kept, the other one
         comes from the process group (here a mocked group of 2, this process rank 1)."""
@@ -113,6 +144,7 @@ class TestDistributedMPerClassSampler(unittest.TestCase):
             (dict(batch_size=5), "multiple of m"),
             (dict(length_before_new_iter=2), "at least batch_size"),
             (dict(rank=3), r"rank must lie in \[0, 3\)"),
+            (dict(rank=-1), r"rank must lie in \[0, 3\)"),
             (dict(m=0), "m must be an int >= 1"),
             (dict(batch_size=0), "batch_size must be an int >= 1"),
             (dict(num_replicas=0), "num_replicas must be >= 1"),

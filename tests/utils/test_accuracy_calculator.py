@@ -116,3 +116,38 @@ def test_bad_recall_ks(bad):
 def test_k_smaller_than_largest_recall_rejected():
     with pytest.raises(ValueError, match="largest recall K"):
         RecallAtKAccuracyCalculator(recall_ks=(1, 8), k=4)
+
+
+def test_k_equal_to_largest_recall_accepted():
+    query, labels, _, _ = random_problem(6)
+    ks = (1, 8)
+    calc = RecallAtKAccuracyCalculator(
+        recall_ks=ks,
+        k=8,
+        include=("recall_at_1", "recall_at_8"),
+        device=torch.device("cpu"),
+    )
+    result = calc.get_accuracy(query, labels)
+    mean, _ = brute_force_recall(query, labels, query, labels, ks, same=True)
+    for k in ks:
+        assert result[f"recall_at_{k}"] == pytest.approx(mean[k], abs=1e-9)
+
+
+@pytest.mark.parametrize("num_rows", [5, 6])
+def test_fewer_references_than_largest_recall_k(num_rows):
+    """Recall@8 on a set of 5 or 6 rows: a query (in the reference set) has only
+    num_rows - 1 neighbours, all of which count."""
+    g = torch.Generator().manual_seed(7)
+    embeddings = torch.randn(num_rows, 3, generator=g)
+    labels = torch.arange(num_rows) % 2
+    ks = (1, 2, 8)
+    calc = RecallAtKAccuracyCalculator(
+        recall_ks=ks,
+        include=tuple(f"recall_at_{k}" for k in ks),
+        device=torch.device("cpu"),
+    )
+    result = calc.get_accuracy(embeddings, labels)
+    mean, _ = brute_force_recall(embeddings, labels, embeddings, labels, ks, same=True)
+    for k in ks:
+        assert result[f"recall_at_{k}"] == pytest.approx(mean[k], abs=1e-9)
+    assert result["recall_at_8"] == 1.0

@@ -153,6 +153,29 @@ class TestAutocastTrainer(unittest.TestCase):
         for got, expected in zip(scaled, plain):
             torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
 
+    def test_grad_scaler_respects_freeze_these(self):
+        """As in PML's step_optimizers, the optimizer of a frozen model is not stepped
+        (here trunk_optimizer, which also holds the embedder's weights, so those get
+        gradients but must stay put); the loss's optimizer still steps, as without
+        a scaler."""
+        results = []
+        for scaler in (torch.amp.GradScaler(TEST_DEVICE.type, init_scale=2.0**8), None):
+            torch.manual_seed(0)  # the same proxies (build seeds the rest)
+            inner = losses.ProxyAnchorLoss(NUM_CLASSES, DIM)
+            trainer, trunk, embedder, _ = build(
+                with_autocast(trainers.MetricLossOnly), ProxySynthesisLoss(inner),
+                amp_dtype=amp_dtype(), grad_scaler=scaler, freeze_these=("trunk",),
+            )  # fmt: skip
+            before = [m.weight.detach().clone() for m in (trunk, embedder)]
+            proxies = inner.proxies.detach().clone()
+            trainer.train(num_epochs=1)
+            self.assertIsNotNone(embedder.weight.grad)
+            for b, m in zip(before, (trunk, embedder)):
+                self.assertTrue(torch.equal(b, m.weight.detach()))
+            self.assertFalse(torch.equal(proxies, inner.proxies.detach()))
+            results.append(inner.proxies.detach().clone())
+        torch.testing.assert_close(results[0], results[1], rtol=1e-5, atol=1e-6)
+
     def test_grad_scaler_with_an_optimizer_without_gradients(self):
         """Without tuples the margin loss's betas get no gradient: their optimizer is
         skipped (PML's plain step does nothing there), the others still step."""

@@ -349,11 +349,18 @@ class TestDecorrelatedCascadedEmbeddings(unittest.TestCase):
                 "decorrelation_loss": 0,
             },
         )
-        before = snapshot(trainer.loss_funcs["decorrelation_loss"])
+        loss_func = trainer.loss_funcs["decorrelation_loss"]
+        calls = []
+        loss_func.register_forward_pre_hook(lambda module, args: calls.append(1))
+        before = snapshot(loss_func)
         trainer.train(1, 1)
         self.assertEqual(trainer.losses["decorrelation_loss"], 0)
-        for k, v in trainer.loss_funcs["decorrelation_loss"].state_dict().items():
+        for k, v in loss_func.state_dict().items():
             self.assertTrue(torch.equal(v, before[k]), k)
+        # skipped, not computed and multiplied by 0: never called, no gradient
+        self.assertEqual(calls, [])
+        for p in loss_func.parameters():
+            self.assertIsNone(p.grad)
 
     def test_key_checks(self):
         # PML's own rule: explicit loss_weights must name every loss

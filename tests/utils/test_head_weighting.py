@@ -41,6 +41,33 @@ class ManualWeighting(torch.nn.Module):
         return z / torch.sqrt((z**2).sum(1, keepdim=True))
 
 
+class ManualUnnormalizedWeighting(torch.nn.Module):
+    """z = l2norm(cat(w_1 * e_1, w_2 * e_2)) on the raw (not normalised) parts."""
+
+    def __init__(self, embedder, class_size, weights):
+        super().__init__()
+        self.embedder, self.class_size, self.weights = embedder, class_size, weights
+
+    def forward(self, x):
+        e = self.embedder(x)
+        e_1, e_2 = e[:, : self.class_size], e[:, self.class_size :]
+        z = torch.cat([self.weights[0] * e_1, self.weights[1] * e_2], dim=1)
+        return z / torch.sqrt((z**2).sum(1, keepdim=True))
+
+
+class ScaledParts(torch.nn.Module):
+    """An embedder whose two parts have very different norms (not unit-norm)."""
+
+    def __init__(self, dim, class_size, shared_size):
+        super().__init__()
+        self.class_part = torch.nn.Linear(dim, class_size)
+        self.shared_part = torch.nn.Linear(dim, shared_size)
+        self.embedding_sizes = [class_size, shared_size]
+
+    def forward(self, x):
+        return torch.cat([0.01 * self.class_part(x), 100 * self.shared_part(x)], 1)
+
+
 def make_tester(**kwargs):
     return GlobalEmbeddingSpaceTester(
         dataloader_num_workers=0,
@@ -194,6 +221,44 @@ class TestEvaluateHeads(unittest.TestCase):
                 self.assertAlmostEqual(
                     results[name]["val"][key], correct["val"][key], places=6
                 )
+
+    def test_normalize_parts_false_is_passed_on(self):
+        """normalize_parts=False weights the raw parts; with parts of very different
+        norms this is not the normalised weighting (the comparison has teeth)."""
+        torch.manual_seed(2)
+        embedder = ScaledParts(12, 6, 5).to(TEST_DEVICE)
+        weightings = {"concat": (1, 1), "shared_low": (1, 0.001)}
+        results = evaluate_heads(
+            make_tester(),
+            self.dataset_dict,
+            1,
+            self.trunk,
+            embedder,
+            weightings=weightings,
+            normalize_parts=False,
+        )
+        differs = False
+        for name, weights in weightings.items():
+            raw = make_tester().test(
+                self.dataset_dict,
+                1,
+                self.trunk,
+                ManualUnnormalizedWeighting(embedder, 6, weights),
+            )
+            normalised = make_tester().test(
+                self.dataset_dict,
+                1,
+                self.trunk,
+                ManualWeighting(embedder, 6, weights),
+            )
+            for split in ("train", "val"):
+                for metric in METRICS:
+                    key = f"{metric}_level0"
+                    self.assertAlmostEqual(
+                        results[name][split][key], raw[split][key], places=6
+                    )
+                    differs |= abs(raw[split][key] - normalised[split][key]) > 1e-3
+        self.assertTrue(differs)
 
     def test_errors(self):
         with self.assertRaises(ValueError):

@@ -63,6 +63,21 @@ def test_hook_container_never_empty(tmp_path):
     assert hooks.primary_metric == "recall_at_1"
 
 
+def test_build_hooks_without_tensorboard_flag(tmp_path):
+    """tensorboard=False: no tensorboard writer even when tensorboard is installed."""
+    assert tensorboard_available()
+    hooks, keeping = build_hooks(str(tmp_path), tensorboard=False)
+    assert isinstance(hooks, HookContainer)
+    assert keeping.tensorboard_writer is None
+    assert hooks.record_keeper is keeping.record_keeper
+    write_one_record(keeping)
+    assert (tmp_path / "records" / "losses.csv").is_file()
+    assert not (tmp_path / "tensorboard").exists()
+    _, with_tb = build_hooks(str(tmp_path / "tb_run"))
+    assert with_tb.tensorboard_writer is not None
+    with_tb.tensorboard_writer.close()
+
+
 class Blobs(torch.utils.data.Dataset):
     """Gaussian blobs: (vector, label) pairs, 4 classes."""
 
