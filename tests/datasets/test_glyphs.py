@@ -155,6 +155,26 @@ class TestSplitsAndLabels(SmallGlyphsCase):
         latin_in_test = [c for c in self.test.classes if c in LATIN]
         self.assertTrue(latin_in_test)
 
+    def test_train_gets_the_odd_class(self):
+        # max_classes=7 keeps 7 of the shuffled classes: 4 for train, 3 for test.
+        with tempfile.TemporaryDirectory() as root:
+            train = small(root, "train", max_classes=7)
+            test = small(root, "test", max_classes=7)
+            self.assertEqual((len(train.classes), len(test.classes)), (4, 3))
+            self.assertEqual(set(train.classes) & set(test.classes), set())
+            self.assertLessEqual(
+                set(train.classes) | set(test.classes), set(self.all.classes)
+            )
+        n = len(self.all.classes)
+        self.assertEqual(len(self.train.classes), n - n // 2)
+
+    def test_classes_outside_the_categories_are_left_out(self):
+        # Brackets (Ps/Pe), the hyphen (Pd) and the underscore (Pc) are punctuation
+        # but not "other punctuation" (Po): drawn by every font, still no class.
+        with tempfile.TemporaryDirectory() as root:
+            ds = small(root, characters="AB7!?()-_[]{}")
+            self.assertEqual(sorted(ds.classes), sorted("AB7!?"))
+
     def test_get_available_splits(self):
         self.assertEqual(
             sorted(Glyphs.get_available_splits()), ["test", "train", "train+test"]
@@ -223,6 +243,16 @@ class TestImages(SmallGlyphsCase):
         augmented = ds.data[ds.augmentation_indices > 0].astype(float)
         self.assertGreater((augmented[:, :3, :3] > 0).mean(), 0.2)
 
+    def test_augmentation_draws_differ_per_character_and_font(self):
+        # Corners hold (almost) no ink: there an augmented image is its own Gaussian
+        # noise, drawn from a generator seeded by (seed, character, font), so no two
+        # (character, font) pairs share it.
+        ds = self.all
+        idx = np.flatnonzero(ds.augmentation_indices == 1)
+        corners = ds.data[idx, :6, :6].reshape(len(idx), -1)
+        self.assertTrue(corners.any(1).all())
+        self.assertEqual(len(np.unique(corners, axis=0)), len(idx))
+
     def test_about_forty_percent_of_augmentations_are_dilated(self):
         # Ink (pixels > 128, above the noise) grows by at most ~1.32x from
         # scaling alone; a 3x3 dilation of thin strokes roughly doubles it.
@@ -265,6 +295,52 @@ class TestHomoglyphs(SmallGlyphsCase):
 
     def test_no_two_classes_are_homoglyphs(self):
         self.assertEqual(homoglyph_pairs(self.all), [])
+
+    def test_homoglyph_rules_on_synthetic_renders(self):
+        """``_homoglyph_keep`` on hand-made renders (ink = 255 on a set of pixels):
+        the distance of ink sets P, Q is 1 - 2|P & Q| / (|P| + |Q|)."""
+
+        def render(first, count=100):
+            img = np.zeros(16 * 16, dtype=np.uint8)
+            img[first : first + count] = 255
+            return img.reshape(16, 16)
+
+        def keep(renders, present):  # renders [chars][fonts]
+            clean = np.array(renders, dtype=np.uint8)
+            return glyphs._homoglyph_keep(clean, np.array(present), 0.015).tolist()
+
+        a, b, c, far = render(0), render(1), render(2), render(150)
+        # d(a, b) = d(b, c) = 0.01 < 0.015 <= d(a, c) = 0.02: greedy in code point
+        # order, b goes with a, and c, whose only look-alike b is gone, stays.
+        self.assertEqual(keep([[a], [b], [c]], [[True]] * 3), [True, False, True])
+        # close in one font of two: "at least half of the fonts" -> homoglyphs
+        self.assertEqual(keep([[a, a], [b, far]], [[True] * 2] * 2), [True, False])
+        # close in one of three, far in two: not homoglyphs ...
+        both = [[True] * 3] * 2
+        self.assertEqual(keep([[a, a, a], [b, far, far]], both), [True, True])
+        # ... unless only the one font draws both
+        one = [[True] * 3, [True, False, False]]
+        self.assertEqual(keep([[a, a, a], [b, far, far]], one), [True, False])
+
+    def test_blank_renders_do_not_count_as_coverage(self):
+        # "£" is drawn by 3 of the 5 fonts (min_fonts=3): blank in one of them, it
+        # has 2 and is no class; "A" (5 fonts) keeps the 4 non-blank ones.
+        real = glyphs._render_clean
+
+        def blank_in_dejavu_sans(font, char, size):
+            if char in "£A" and os.path.basename(font.path) == "DejaVuSans.ttf":
+                return None
+            return real(font, char, size)
+
+        with (
+            tempfile.TemporaryDirectory() as root,
+            mock.patch.object(glyphs, "_render_clean", blank_in_dejavu_sans),
+        ):
+            ds = small(root, characters="A£7<")
+        self.assertEqual(sorted(ds.classes), sorted("A7<"))
+        fonts = set(ds.font_indices[ds.labels == ds.classes.index("A")].tolist())
+        self.assertEqual(len(fonts), 4)
+        self.assertNotIn(ds.fonts.index("DejaVuSans"), fonts)
 
     def test_threshold_zero_keeps_near_identical_pairs(self):
         with tempfile.TemporaryDirectory() as root:
@@ -374,6 +450,8 @@ class TestDeterminismAndCache(SmallGlyphsCase):
             dirs = {base.cache_dir}
             for kwargs in (
                 {"seed": 1},
+                {"split_seed": 1},
+                {"homoglyph_threshold": 0.02},
                 {"augmentations_per_font": 1},
                 {"image_size": 24},
                 {"max_classes": 10},
@@ -415,11 +493,15 @@ class TestErrors(unittest.TestCase):
         self.assert_value_error("image_size", image_size=0)
         self.assert_value_error("augmentations_per_font", augmentations_per_font=-1)
         self.assert_value_error("min_fonts", min_fonts=0)
-        self.assert_value_error("min_fonts=6", min_fonts=6)
+        self.assert_value_error("min_fonts=6 exceeds the 5 fonts", min_fonts=6)
         self.assert_value_error("max_classes", max_classes=1)
         self.assert_value_error("seed", seed=-1)
         self.assert_value_error("homoglyph_threshold", homoglyph_threshold=1.5)
         self.assert_value_error("characters", characters=["AB"])
+        for bad in (-1, 0x110000, True):
+            self.assert_value_error(f"characters: {bad!r}", characters=["A", bad])
+        self.assert_value_error("augmentations_per_font", augmentations_per_font=True)
+        self.assert_value_error("max_classes", max_classes=2.5)
         self.assert_value_error("nope.ttf", font_files=["nope.ttf"])
         self.assert_value_error("extra_font_dirs", extra_font_dirs="/no/such/dir")
         self.assert_value_error("min_fonts", characters="AΑ")  # 1 class left
@@ -497,6 +579,34 @@ class TestErrors(unittest.TestCase):
             small(self.root, "train", download=False)
         self.assertIn(str(path), str(ctx.exception))
 
+    def test_inconsistent_arrays_in_cache_raise_naming_the_file(self):
+        # Readable arrays that do not fit meta.json: a wrong image size, a class of
+        # the other split, a class index past the class list.
+        ds = small(self.root, "train")
+        path = ds.cache_dir / "data-train.npz"
+        meta = json.loads((ds.cache_dir / "meta.json").read_text("utf-8"))
+        with np.load(path) as z:
+            arrays = {k: z[k] for k in z.files}
+
+        def with_class(index):
+            ids = arrays["class_indices"].copy()
+            ids[0] = index
+            return dict(arrays, class_indices=ids)
+
+        for bad, reason in (
+            (dict(arrays, images=arrays["images"][:, :16, :16]), "shape"),
+            (with_class(meta["is_test"].index(True)), "not in the train split"),
+            (with_class(len(meta["is_test"])), "out of range"),
+        ):
+            with self.subTest(reason=reason):
+                np.savez(path, **bad)
+                with self.assertRaises(GlyphsCacheError) as ctx:
+                    small(self.root, "train")
+                self.assertIn(str(path), str(ctx.exception))
+                self.assertIn(reason, str(ctx.exception))
+        np.savez(path, **arrays)
+        np.testing.assert_array_equal(small(self.root, "train").data, ds.data)
+
     def test_missing_file_in_cache_raises(self):
         ds = small(self.root, "train")
         (ds.cache_dir / "data-test.npz").unlink()
@@ -513,6 +623,26 @@ class TestFonts(unittest.TestCase):
         self.assertEqual(len(DEFAULT_FONT_FILES), 21)
         for name in EXCLUDED_FILES:
             self.assertIsNotNone(glyphs.font_exclusion_reason(name), name)
+
+    def test_glyph_names_that_name_another_character(self):
+        # (code point, glyph name, code points mapped to that glyph, contradicts?)
+        cases = [
+            (ord("£"), "Theta", {ord("£")}, True),  # cmr10's OT1 slots
+            (ord("<"), "exclamdown", {ord("<")}, True),
+            (ord("A"), "A", {ord("A")}, False),
+            (0xB5, "mu", {0xB5}, False),  # micro sign: NFKC-equal to Greek mu
+            # Cyrillic A drawn by the glyph "A" that Latin A also maps to: trusted
+            (0x410, "A", {0x410, ord("A")}, False),
+            (0x410, "A", {0x410}, True),
+            (0x237, "dotlessj", {0x237}, False),  # a legacy private-use AGL name
+            (0xB4, "dotlessj", {0xB4}, True),  # cmr10's acute accent slot
+            (ord("A"), "no_such_glyph_name", {ord("A")}, False),
+        ]
+        for codepoint, name, same_glyph, expected in cases:
+            with self.subTest(char=chr(codepoint), name=name):
+                self.assertIs(
+                    glyphs._name_contradicts(codepoint, name, same_glyph), expected
+                )
 
     def test_missing_default_font_names_the_matplotlib_version(self):
         """An older matplotlib lacks cmti10.ttf: the error says which release is needed."""

@@ -213,6 +213,35 @@ class TestEveryLossAgainstFreshInstance(unittest.TestCase):
             self.assertEqual(syn.labels[BATCH_SIZE + m].item(), NUM_CLASSES + m)
         self.assertTrue(torch.allclose(syn.proxies[:NUM_CLASSES], centres))
 
+    def test_distance_normalising_with_another_p_norm_stays_on(self):
+        """Only an L2 normalisation is switched off for the call (the set is
+        L2-normalised already): a distance that normalises with another p-norm does so
+        as in a fresh loss over the C + M classes, and keeps its setting afterwards."""
+        for p in (1, 3):
+            with self.subTest(p=p):
+
+                def build(num_classes, p=p):
+                    distance = LpDistance(p=p, normalize_embeddings=True)
+                    return losses.ProxyNCALoss(
+                        num_classes, EMBEDDING_SIZE, softmax_scale=3, distance=distance
+                    ).to(TEST_DEVICE, torch.float64)
+
+                torch.manual_seed(0)
+                inner = build(NUM_CLASSES)
+                wrapper = ProxySynthesisLoss(inner)
+                emb = torch.randn(
+                    BATCH_SIZE, EMBEDDING_SIZE, device=TEST_DEVICE, dtype=torch.float64
+                )
+                labels = torch.randint(0, 4, (BATCH_SIZE,), device=TEST_DEVICE)
+                syn, loss = synthesis_and_loss(wrapper, emb, labels)
+                fresh = build(len(syn.proxies))
+                copy_proxies_into(fresh, syn.proxies)
+                expected = fresh(syn.embeddings.detach(), syn.labels)
+                self.assertTrue(
+                    torch.isclose(loss, expected, rtol=1e-10), (loss, expected)
+                )
+                self.assertTrue(inner.distance.normalize_embeddings)
+
 
 def proxy_anchor_formula(
     x, p, labels, num_real_classes, margin, alpha, divisor, excluded=None
@@ -670,6 +699,39 @@ class TestRandomness(unittest.TestCase):
                 wrapper.synthesize(emb, labels)
             seed_all.assert_not_called()
 
+    def test_shared_generator_under_distributed(self):
+        """With a process group of several ranks (mocked: world size 2, this rank 0,
+        broadcast a no-op as on rank 0) each synthesis draws its seed from the
+        wrapper's generator and broadcasts it from rank 0: the pairs and lam depend on
+        the generator, not on the global RNG. With mu = 0 (no synthesis) there is no
+        collective, and the global RNG is left alone."""
+        module = "pml_proxysynth.losses.proxy_synthesis_loss"
+        emb, labels = torch.randn(10, EMBEDDING_SIZE), torch.arange(10) % 5
+        with (
+            mock.patch(f"{module}._world_size", return_value=2),
+            mock.patch("torch.distributed.get_rank", return_value=0),
+            mock.patch("torch.distributed.broadcast") as broadcast,
+        ):
+            draws = []
+            for global_seed in (1, 2):
+                wrapper = ProxySynthesisLoss(
+                    losses.ProxyAnchorLoss(5, EMBEDDING_SIZE),
+                    generator=torch.Generator().manual_seed(11),
+                    lam_per="pair",
+                )
+                torch.manual_seed(global_seed)
+                draws.append(wrapper.synthesize(emb, labels))
+            self.assertEqual(broadcast.call_count, 2)
+            self.assertEqual(broadcast.call_args.kwargs, {"src": 0})
+            self.assertTrue(torch.equal(draws[0].pairs, draws[1].pairs))
+            self.assertTrue(torch.equal(draws[0].lam, draws[1].lam))
+            broadcast.reset_mock()
+            wrapper.mu = 0.0
+            state = torch.get_rng_state()
+            wrapper(emb, labels)
+            broadcast.assert_not_called()
+            self.assertTrue(torch.equal(state, torch.get_rng_state()))
+
 
 class TestBareLossCases(unittest.TestCase):
     def test_mu_zero_one_class_and_eval_mode_equal_bare_loss(self):
@@ -1048,8 +1110,24 @@ class TestBadInput(unittest.TestCase):
             self.wrapper(self.emb, self.labels[:5])
         with self.assertRaisesRegex(ValueError, r"shape \[B, 8\]"):
             self.wrapper(torch.randn(6, 5), self.labels)
-        with self.assertRaisesRegex(ValueError, "labels must be integers"):
-            self.wrapper(self.emb, self.labels.float())
+        for dtype in (torch.float32, torch.bool):
+            with self.assertRaisesRegex(ValueError, "labels must be integers"):
+                self.wrapper(self.emb, self.labels.to(dtype))
+
+    def test_label_range_counts_classes_not_centres(self):
+        """Multi-centre losses hold C*k proxies for C classes: the labels must lie in
+        [0, C), not [0, C*k)."""
+        for inner in (
+            losses.SoftTripleLoss(4, EMBEDDING_SIZE, centers_per_class=3),
+            losses.SubCenterArcFaceLoss(
+                num_classes=4, embedding_size=EMBEDDING_SIZE, sub_centers=2
+            ),
+        ):
+            with self.subTest(loss=type(inner).__name__):
+                wrapper = ProxySynthesisLoss(inner)
+                self.assertTrue(torch.isfinite(wrapper(self.emb, self.labels)))
+                with self.assertRaisesRegex(ValueError, r"labels must lie in \[0, 4\)"):
+                    wrapper(self.emb, torch.tensor([0, 1, 2, 3, 4, 0]))
 
     def test_hyperparameters(self):
         inner = losses.ProxyAnchorLoss(4, EMBEDDING_SIZE)
