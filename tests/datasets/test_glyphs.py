@@ -18,7 +18,7 @@ from unittest import mock
 import numpy as np
 import torch
 from matplotlib.ft2font import FT2Font
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 from pml_proxysynth.datasets import glyphs
 from pml_proxysynth.datasets.glyphs import (
@@ -277,6 +277,20 @@ class TestImages(SmallGlyphsCase):
         self.assertEqual(tuple(img.shape), (32, 32))
         self.assertLessEqual(float(img.max()), 1.0)
         self.assertEqual(label, int(ds.labels[3]) + 1000)
+
+
+def test_faint_renders_count_as_blank():
+    """A render whose brightest pixel is below 64 (a dot at 1-2 px: antialiasing
+    spreads it thin) is blank, like an empty one; the same dot at 12 px is not."""
+    path = os.path.join(matplotlib_font_dir(), "DejaVuSans.ttf")
+    for size, faint in ((1, True), (2, True), (12, False)):
+        font = ImageFont.truetype(path, size)
+        x0, y0, x1, y1 = font.getbbox(".")
+        canvas = Image.new("L", (x1 - x0 + 4, y1 - y0 + 4))
+        ImageDraw.Draw(canvas).text((2 - x0, 2 - y0), ".", font=font, fill=255)
+        brightest = np.asarray(canvas).max()
+        assert (0 < brightest < 64) == faint, (size, brightest)
+        assert (glyphs._render_clean(font, ".", 16) is None) == faint, size
 
 
 class TestHomoglyphs(SmallGlyphsCase):
