@@ -3,6 +3,7 @@ and the paired-difference summary against a hand computation."""
 
 import csv
 import statistics
+from types import SimpleNamespace
 
 import pytest
 
@@ -118,6 +119,11 @@ def test_quick_mode_overrides_a_rows_own_flags(bench, tmp_path, monkeypatch, cap
     argv = ["--quick", "--results-dir", str(tmp_path), "--methods",
             "proxy_anchor epochs=128", "--seeds", "0", "--jobs", "1"]  # fmt: skip
     assert bench.main(argv) == 0, capsys.readouterr().err
+    # a quick run has its own results, beside (not in) the real ones
+    assert sorted(p.name for p in tmp_path.glob("glyphs*.csv")) == ["glyphs-quick.csv"]
+    assert (tmp_path / "glyphs-quick.protocol").read_text() == " ".join(
+        bench.QUICK
+    ) + "\n"
 
 
 def test_every_run_failed(bench, tmp_path, monkeypatch, capsys):
@@ -128,3 +134,106 @@ def test_every_run_failed(bench, tmp_path, monkeypatch, capsys):
     assert bench.main(argv) == 1
     assert "proxy_anchor+ps seed 0: RuntimeError" in capsys.readouterr().err
     assert not (tmp_path / "glyphs.md").exists()
+
+
+# the options a counterpart may change against its baseline: Proxy Synthesis's and the
+# shared head's (everything else, e.g. --epochs, is the protocol they share)
+METHOD_OPTIONS = {"ps", "ps_mu", "ps_alpha", "ps_exclude_parents",
+                  "ps_positive_divisor", "shared_head", "decorrelation_rho",
+                  "shared_weight", "shared_strategy"}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def example(bench):
+    return bench.load_example()
+
+
+def row_sets(bench):
+    return [(bench.ROWS + bench.SUPPLEMENTARY_ROWS, bench.PROTOCOL),
+            (bench.SWEEP_ROWS, bench.SWEEP_PROTOCOL)]  # fmt: skip
+
+
+def test_rows_train_what_their_names_say(bench, example):
+    """Each row's method name (loss, +ps, +shared) matches its fields and the flags the
+    example receives; a row's own flags win over the protocol's (e.g. --epochs)."""
+    for rows, protocol in row_sets(bench):
+        assert len({r.method for r in rows}) == len(rows)  # one CSV key per row
+        for row in rows:
+            name = row.method.split()[0]
+            assert name.split("+")[0] == row.loss, row
+            assert ("+ps" in name, "+shared" in name) == (row.ps, row.shared_head), row
+            args = example.parse_args(bench.row_argv(row, "glyphs", 3, protocol))
+            assert (args.loss, args.ps, args.shared_head, args.seed) == (
+                row.loss, row.ps, row.shared_head, 3
+            ), row  # fmt: skip
+            tags = dict(t.split("=") for t in row.method.split()[1:] if "=" in t)
+            expected_epochs = int(tags.get("epochs", protocol[1]))
+            assert args.epochs == expected_epochs, row
+
+
+def test_counterparts_differ_from_their_baselines_in_the_method_only(bench, example):
+    """The paired Δ compares a row with its baseline under the same protocol: parsed by
+    the example, the two differ only in Proxy Synthesis's or the shared head's options."""
+    for rows, protocol in row_sets(bench):
+        by_method = {r.method: r for r in rows}
+        for row in rows:
+            if not row.baseline:
+                continue
+            base = by_method[row.baseline]
+            assert not base.baseline and not base.ps and not base.shared_head, row
+            got = vars(example.parse_args(bench.row_argv(row, "glyphs", 0, protocol)))
+            want = vars(example.parse_args(bench.row_argv(base, "glyphs", 0, protocol)))
+            changed = {k for k in got if got[k] != want[k]}
+            assert changed and changed <= METHOD_OPTIONS, (row.method, changed)
+
+
+def test_run_one_records_the_examples_last_metrics_in_percent(bench, monkeypatch):
+    """Each CSV column holds its own metric of the example's last evaluation, x 100."""
+    calls = {}
+
+    def run(args):
+        calls["args"] = args
+        return {"last": {"recall_at_1": 0.5, "recall_at_2": 0.61, "recall_at_4": 0.72,
+                         "recall_at_8": 0.83, "mean_average_precision_at_r": 0.31234,
+                         "r_precision": 0.4, "NMI": 0.9, "epoch": 5}}  # fmt: skip
+
+    fake = SimpleNamespace(
+        parse_args=lambda argv: SimpleNamespace(argv=argv, epochs=5), run=run
+    )
+    monkeypatch.setattr(bench, "_EXAMPLE", fake)
+    row = next(r for r in bench.ROWS if r.method == "proxy_anchor+ps")
+    record = bench.run_one(row, "glyphs", 2, ["--epochs", "5"])
+    assert {k: record[k] for k in bench.METRICS} == {
+        "recall_at_1": "50.000", "recall_at_2": "61.000", "recall_at_4": "72.000",
+        "recall_at_8": "83.000", "map_at_r": "31.234", "r_precision": "40.000",
+        "nmi": "90.000",
+    }  # fmt: skip
+    assert (record["method"], record["ps"], record["shared_head"], record["seed"]) == (
+        "proxy_anchor+ps",
+        1,
+        0,
+        2,
+    )
+    assert calls["args"].test_interval == 5  # evaluated once, after the last epoch
+    assert "--no-plots" in calls["args"].argv
+
+
+def test_summary_covers_the_rows_of_earlier_invocations(bench, tmp_path, monkeypatch):
+    monkeypatch.setattr(bench, "run_one", fake_run_one)
+    argv = ["--results-dir", str(tmp_path), "--seeds", "1", "2", "--jobs", "1"]
+    assert bench.main(argv + ["--methods", "proxy_anchor"]) == 0
+    assert bench.main(argv + ["--methods", "proxy_anchor+ps"]) == 0
+    table = (tmp_path / "glyphs.md").read_text()
+    assert "| proxy_anchor | 2 |" in table
+    assert "| proxy_anchor+ps | 2 |" in table
+
+
+def test_photo_datasets_use_the_examples_defaults(bench, tmp_path, monkeypatch):
+    """--dataset cub gets the example's photo recipe: none of the glyphs protocol."""
+    monkeypatch.setattr(bench, "run_one", fake_run_one)
+    argv = ["--dataset", "cub", "--results-dir", str(tmp_path), "--methods",
+            "proxy_anchor", "--seeds", "1", "--jobs", "1"]  # fmt: skip
+    assert bench.main(argv) == 0
+    assert (tmp_path / "cub.protocol").read_text() == "\n"
+    title = (tmp_path / "cub.md").read_text().splitlines()[0]
+    assert title == "# cub: accuracy benchmark (`--data-root data --num-threads 1`)"

@@ -24,7 +24,8 @@ def bench():
     return load_benchmark("cost")
 
 
-@pytest.mark.parametrize("mu", [0.5, 1.0, 2.0])
+# mu 0.3: M = round(0.3 * 16) = round(4.8) = 5 synthetic classes, as the wrapper makes
+@pytest.mark.parametrize("mu", [0.3, 0.5, 1.0, 2.0])
 def test_official_function_equals_wrapper_with_roll_pairing(bench, mu):
     """Forward value and gradients, float64: the same computation as the wrapper over
     NormalizedSoftmaxLoss with the official roll pairing (i with i-1, then i-2 for
@@ -174,3 +175,74 @@ def test_miner_targets_on_a_fake_timing_table(bench, monkeypatch):
     assert target_line(lines, "- the same against the half-vectorised").endswith(
         ": met"
     )
+
+
+def test_round_robin_repeats_adapt_to_the_budget(bench, monkeypatch):
+    """Fake call times, budget 3 s, at most 10 repeats, 2 warm-up calls: "fast" (1-4 ms)
+    gets 10 timed calls; "slow" (1 s) budget / 1 s = 3; "slower" (2 s) stops warming up
+    after one call (2 calls would exceed the budget) and gets the minimum, 3. The
+    medians are of the timed calls only, one call of each candidate per round."""
+    seconds = {"fast": [0.01, 0.001] + [0.001, 0.002, 0.003] * 3 + [0.004],
+               "slow": [1.0, 1.0] + [1.0, 3.0, 2.0],
+               "slower": [2.0] + [5.0, 4.0, 2.0]}  # fmt: skip
+    order = []
+
+    def fake_time_call(fn, device):
+        order.append(fn.name)
+        return seconds[fn.name].pop(0)
+
+    def candidate(name):
+        fn = lambda: None  # noqa: E731
+        fn.name = name
+        return fn
+
+    monkeypatch.setattr(bench, "time_call", fake_time_call)
+    config = bench.TimingConfig(repeats=10, warmup=2, budget=3.0)
+    timings = bench.time_round_robin(
+        {name: candidate(name) for name in seconds}, None, config
+    )
+    assert timings == {
+        "fast": bench.Timing(0.002, 10),
+        "slow": bench.Timing(2.0, 3),
+        "slower": bench.Timing(4.0, 3),
+    }
+    assert order[:5] == ["fast", "fast", "slow", "slow", "slower"]
+    assert order[5:14] == ["fast", "slow", "slower"] * 3
+    assert order[14:] == ["fast"] * 7
+    assert all(not times for times in seconds.values())
+
+
+def test_train_step_ratios_on_a_fake_timing_table(bench, monkeypatch):
+    """Each configuration's ms/step against the baseline's and against PS's."""
+    ms = {"baseline": 10.0, "PS": 12.0, "PS + shared head": 15.0}
+    monkeypatch.setattr(bench, "training_step", lambda ex, flags, x, labels, seed: None)
+    monkeypatch.setattr(
+        bench,
+        "time_round_robin",
+        lambda fns, device, config: {n: bench.Timing(ms[n] / 1e3, 5) for n in fns},
+    )
+    lines = bench.run_train_step(torch.device("cpu"), bench.TimingConfig(5, 1, 1.0), 0)
+    rows = {}
+    for line in lines:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if line.startswith("| ") and cells[0] in ms:
+            rows[cells[0]] = cells[2:5]
+    assert rows == {
+        "baseline": ["10.000", "1.00", "n/a"],
+        "PS": ["12.000", "1.20", "1.00"],
+        "PS + shared head": ["15.000", "1.50", "1.25"],
+    }
+
+
+def test_quick_run_never_replaces_the_results(bench, tmp_path, monkeypatch):
+    """Without --out, --quick writes nothing; a full run writes results/cost-<device>.md."""
+    monkeypatch.setattr(bench, "RESULTS", tmp_path)
+    monkeypatch.setattr(bench, "run_ps", lambda device, config, quick: ["## ps: fake"])
+    threads = torch.get_num_threads()
+    try:
+        bench.main(["--quick", "--device", "cpu", "--sections", "ps"])
+        assert list(tmp_path.iterdir()) == []
+        bench.main(["--device", "cpu", "--sections", "ps", "--threads", "1"])
+    finally:
+        torch.set_num_threads(threads)
+    assert "## ps: fake" in (tmp_path / "cost-cpu.md").read_text()

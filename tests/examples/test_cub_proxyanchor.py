@@ -3,16 +3,20 @@
 import copy
 import json
 import os
+import random
 import sqlite3
 import subprocess
 import sys
 import urllib.error
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from pytorch_metric_learning import losses, miners, samplers
+from pytorch_metric_learning.utils.logging_presets import HookContainer
 
 from ..distributed_utils import free_port
 from . import EXAMPLE, load_example
@@ -296,9 +300,6 @@ def test_resume_with_a_missing_checkpoint_file_is_one_message(ex, cub_root, tmp_
 def test_checkpoint_keeps_the_grad_scaler_state(ex, tmp_path):
     """With --amp on CUDA the GradScaler's loss scale is saved and loaded with the
     checkpoint (here a CPU GradScaler stands in for the CUDA one)."""
-    from types import SimpleNamespace
-
-    from pytorch_metric_learning.utils.logging_presets import HookContainer
 
     def trainer(scale):
         scaler = torch.amp.GradScaler("cpu", init_scale=scale)
@@ -573,6 +574,10 @@ def test_dataset_dependent_defaults_resolved(ex):
     assert cub.ps_mu == 0.25 and cub.ps_positive_divisor == "all"
     assert ex.parse_args(["--device", "cpu", "--loss", "arcface"]).ps_mu == 1.0
     assert ex.parse_args(["--device", "cpu", "--ps-mu", "2"]).ps_mu == 2.0
+    # Recall@K in increasing K, each once (the calculator's metrics and the tables)
+    assert ex.parse_args(
+        ["--device", "cpu", "--recall-ks", "8", "2", "2", "1"]
+    ).recall_ks == [1, 2, 8]
 
 
 # ---------------------------------------------------------------------- bad input
@@ -762,6 +767,8 @@ def test_resume_with_another_seed_of_a_subsampled_run_is_one_message(ex, cub_roo
         (["--loss", "arcface", "--loss-kwargs", '{"num_classes": 2}'], "num_classes"),
         (["--loss", "triplet"], "invalid choice"),
         (["--epochs", "0"], "must be > 0"),
+        (["--batch-size", "1"], "--batch-size must be at least 2"),
+        (["--image-size", "15"], "--image-size must be at least 16"),
         (["--crop-scale", "1.5"], "--crop-scale"),
         (["--test-resize-ratio", "0.5"], "--test-resize-ratio must be at least 1"),
         (["--epochs", "3", "--test-interval", "2"], "multiple of --test-interval"),
@@ -796,3 +803,208 @@ def test_bad_loss_kwargs_is_a_clear_error(ex, cub_root, tmp_path, capsys):
     )
     assert ex.main(flags + ["--loss-kwargs", '{"no_such_option": 1}']) == 1
     assert "no_such_option" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------- unit level
+
+
+@pytest.mark.parametrize("edit", ["drop_last", "extra_label"])
+def test_cub_lines_checked_to_the_end(ex, cub_root, edit):
+    """A list one line longer than the other (8 classes x 6 images: 48 lines) is
+    named at its first unpaired line, not skipped as zip() would."""
+    folder = cub_root / "CUB_200_2011"
+    victim = folder / "image_class_labels.txt"
+    lines = victim.read_text().splitlines()
+    lines = lines[:-1] if edit == "drop_last" else lines + ["49 104"]
+    victim.write_text("\n".join(lines) + "\n")
+    line = 48 if edit == "drop_last" else 49
+    with pytest.raises(ex.SetupError, match=f"line {line} of images.txt"):
+        ex.check_cub_lines_match(str(folder))
+
+
+def test_build_datasets_checks_the_batch_against_the_training_set(
+    ex, cub_root, tmp_path
+):
+    """The tiny CUB has 4 training classes of 6 images (24): class-balanced batches
+    of 2 per class hold at most 8 images, plain ones at most 24."""
+
+    def build(*extra):
+        args = ex.parse_args(
+            cub_args(
+                cub_root,
+                tmp_path / "run",
+                "--trunk",
+                "small_conv",
+                "--no-pretrained",
+                *extra,
+            )
+        )
+        return ex.build_datasets(args)
+
+    m_per_class = ("--sampler", "m_per_class", "--m-per-class", "2")
+    assert len(build(*m_per_class, "--batch-size", "8")[0]) == 24
+    with pytest.raises(
+        ex.SetupError, match="4 training classes x --m-per-class 2 < --batch-size 10"
+    ):
+        build(*m_per_class, "--batch-size", "10")
+    assert len(build("--batch-size", "24")[0]) == 24
+    with pytest.raises(ex.SetupError, match="24 images, fewer than --batch-size 25"):
+        build("--batch-size", "25")
+
+
+# option -> another value; each fixes the shape of saved models or the training set
+STRUCTURAL = {
+    "dataset": "glyphs", "trunk": "resnet18", "pooling": "max", "embedding_size": 8,
+    "loss": "arcface", "loss_kwargs": {"scale": 23}, "shared_head": True,
+    "shared_size": 8, "decorrelation_rho": 1.0, "max_train_images": 100, "seed": 5,
+    "glyphs_option": {"max_classes": 10}, "world_size": 2, "ps": False,
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("option", sorted(STRUCTURAL))
+def test_resume_refuses_a_structural_change(ex, tmp_path, option):
+    args = ex.parse_args(["--device", "cpu", "--output-dir", str(tmp_path)])
+    (tmp_path / "config.json").write_text(json.dumps(vars(args)))
+    changed = copy.copy(args)
+    setattr(changed, option, STRUCTURAL[option])
+    flag = "--no-ps" if option == "ps" else "--" + option.replace("_", "-")
+    with pytest.raises(ex.SetupError, match=f"other option: .*{flag}"):
+        ex._check_resumable(changed)
+    for other, value in [("epochs", 9), ("lr", 0.5), ("patience", 3)]:
+        setattr(args, other, value)
+    ex._check_resumable(args)  # training length and optimisation may change
+
+
+def test_best_and_last_by_hand(ex):
+    """The best epoch by the primary metric (the earliest of equals), the last epoch."""
+    history = {
+        "epoch": [1, 2, 3, 4],
+        "recall_at_1_level0": [0.5, 0.7, 0.7, 0.6],
+        "mean_average_precision_at_r_level0": [0.2, 0.25, 0.3, 0.28],
+    }
+    best, last = ex._best_and_last(history, "recall_at_1")
+    assert best == {"epoch": 2, "recall_at_1": 0.7, "mean_average_precision_at_r": 0.25}
+    assert last == {"epoch": 4, "recall_at_1": 0.6, "mean_average_precision_at_r": 0.28}
+    best, _ = ex._best_and_last(history, "mean_average_precision_at_r")
+    assert best["epoch"] == 3
+    assert ex._best_and_last({}, "recall_at_1") == ({}, {})
+
+
+def lr_and_decay(optimizers):
+    """{key: [lr, weight_decay]} of each optimizer's one parameter group, rounded."""
+    result = {}
+    for key, optimizer in optimizers.items():
+        (group,) = optimizer.param_groups
+        result[key] = [round(group["lr"], 12), round(group["weight_decay"], 12)]
+    return result
+
+
+def test_optimizers_and_schedulers_per_parameter_group(ex):
+    """Networks at --lr, proxies at --lr x --proxy-lr-mult, margin betas at --beta-lr
+    without weight decay, the regressor at --decorrelation-lr; one StepLR per optimizer,
+    stepped by epoch (PML steps *_scheduler_by_epoch after each epoch)."""
+    common = ["--dataset", "glyphs", "--device", "cpu", "--embedding-size", "8",
+              "--lr", "0.001", "--weight-decay", "0.01", "--lr-decay-step", "3",
+              "--lr-decay-gamma", "0.2"]  # fmt: skip
+    args = ex.parse_args(common + ["--proxy-lr-mult", "10"])
+    models = ex.build_model(args)
+    optimizers, schedulers = ex.build_optimizers(
+        args, models, ex.build_loss(args, 5).loss_funcs
+    )
+    assert lr_and_decay(optimizers) == ({
+        "trunk_optimizer": [0.001, 0.01], "embedder_optimizer": [0.001, 0.01],
+        "metric_loss_optimizer": [0.01, 0.01],
+    })  # fmt: skip
+    assert set(schedulers) == {"trunk_scheduler_by_epoch", "embedder_scheduler_by_epoch",
+                               "metric_loss_scheduler_by_epoch"}  # fmt: skip
+    for key, scheduler in schedulers.items():
+        assert (scheduler.step_size, scheduler.gamma) == (3, 0.2)
+        assert (
+            scheduler.optimizer
+            is optimizers[key.replace("_scheduler_by_epoch", "_optimizer")]
+        )
+
+    args = ex.parse_args(common + ["--loss", "margin", "--no-ps", "--shared-head", "--shared-size", "4",
+                                   "--decorrelation-rho", "5", "--beta-lr", "0.002",
+                                   "--decorrelation-lr", "0.0001"])  # fmt: skip
+    models = ex.build_model(args)
+    optimizers, _ = ex.build_optimizers(args, models, ex.build_loss(args, 5).loss_funcs)
+    assert lr_and_decay(optimizers) == ({
+        "trunk_optimizer": [0.001, 0.01], "embedder_optimizer": [0.001, 0.01],
+        "metric_loss_0_optimizer": [0.002, 0.0], "metric_loss_1_optimizer": [0.002, 0.0],
+        "decorrelation_loss_optimizer": [0.0001, 0.01],
+    })  # fmt: skip
+
+
+def test_build_loss_passes_the_flags_on(ex):
+    args = ex.parse_args([
+        "--device", "cpu", "--proxy-anchor-alpha", "16", "--proxy-anchor-margin", "0.2",
+        "--ps-alpha", "2", "--ps-mu", "0.5", "--ps-pairing", "roll", "--ps-lam-per",
+        "pair", "--ps-positive-divisor", "real", "--ps-exclude-parents",
+    ])  # fmt: skip
+    setup = ex.build_loss(args, 7)
+    assert setup.loss_weights == {"metric_loss": 1.0} and setup.mining_funcs == {}
+    ps = setup.loss_funcs["metric_loss"]
+    assert (ps.alpha, ps.mu, ps.pairing, ps.lam_per, ps.positive_divisor, ps.exclude_parents) == (
+        2.0, 0.5, "roll", "pair", "real", True
+    )  # fmt: skip
+    inner = ps.loss
+    assert isinstance(inner, losses.ProxyAnchorLoss)
+    assert (inner.alpha, inner.margin, tuple(inner.proxies.shape)) == (
+        16.0,
+        0.2,
+        (7, 512),
+    )
+
+    args = ex.parse_args([
+        "--device", "cpu", "--loss", "margin", "--no-ps", "--shared-head",
+        "--shared-weight", "0.7", "--shared-strategy", "full", "--shared-cutoff", "0.3",
+    ])  # fmt: skip
+    setup = ex.build_loss(args, 7)
+    assert setup.loss_weights == {"metric_loss_0": 1.0, "metric_loss_1": 0.7}
+    assert set(setup.mining_funcs) == {"tuple_miner_0", "tuple_miner_1"}
+    assert isinstance(setup.mining_funcs["tuple_miner_0"], miners.DistanceWeightedMiner)
+    shared = setup.mining_funcs["tuple_miner_1"]
+    assert (shared.strategy, shared.cutoff) == ("full", 0.3)
+    assert all(isinstance(f, losses.MarginLoss) for f in setup.loss_funcs.values())
+
+
+def test_rng_state_round_trip(ex, tmp_path):
+    """Saved (and read back with weights_only=True), then loaded: torch, numpy and
+    python draw again what they drew after the save, and an MPerClassSampler gets
+    back its class order."""
+    sampler = samplers.MPerClassSampler(np.repeat(np.arange(6), 2), m=2, batch_size=4)
+    saved_classes = [int(c) for c in sampler.labels]
+    state = ex.RNGState(sampler).state_dict()
+    torch.save(state, tmp_path / "rng.pth")
+
+    def draws():
+        return (torch.rand(3).tolist(), np.random.rand(3).tolist(),
+                [random.random() for _ in range(3)])  # fmt: skip
+
+    first = draws()
+    list(iter(sampler))  # shuffles sampler.labels in place
+    sampler.labels = sampler.labels[::-1]
+    ex.RNGState(sampler).load_state_dict(
+        torch.load(tmp_path / "rng.pth", weights_only=True)
+    )
+    assert draws() == first
+    assert [int(c) for c in sampler.labels] == saved_classes
+
+
+@pytest.mark.parametrize(
+    "victim", ["rng_state_1.pth", "trunk_optimizer_1.pth", "metric_loss_1.pth"]
+)
+def test_check_checkpoint_names_every_missing_file(ex, tmp_path, victim):
+    trunk, loss = torch.nn.Linear(2, 2), torch.nn.Linear(2, 3)
+    trainer = SimpleNamespace(
+        models={"trunk": trunk}, loss_funcs={"metric_loss": loss},
+        optimizers={"trunk_optimizer": torch.optim.SGD(trunk.parameters(), lr=0.1)},
+    )  # fmt: skip
+    hooks = HookContainer(None)
+    ex.add_run_state(trainer, hooks)
+    hooks.save_models(trainer, str(tmp_path), 1)
+    ex.check_checkpoint(hooks, trainer, str(tmp_path))  # complete
+    (tmp_path / victim).unlink()
+    with pytest.raises(ex.SetupError, match=f"epoch 1 .* {victim} missing"):
+        ex.check_checkpoint(hooks, trainer, str(tmp_path))
