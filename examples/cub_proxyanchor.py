@@ -303,6 +303,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Proxy Synthesis over " + ", ".join(EXCLUDABLE_LOSSES)
                         + ": a synthetic class is not a negative of its two parent "
                         "classes")
+    g.add_argument("--ps-detach-parent-proxies", action="store_true",
+                   help="Proxy Synthesis: the synthetic proxies are mixed from detached "
+                        "parent proxies, so the synthetic classes train the embeddings "
+                        "but do not move the real proxies")
     g.add_argument("--shared-head", action="store_true",
                    help="add the Sharing Matters shared head, trained by a margin loss on "
                         "inter-class triplets (PML's CascadedEmbeddings trainer)")
@@ -451,6 +455,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         (args.ps_exclude_parents and not (args.ps and args.loss in EXCLUDABLE_LOSSES),
          "--ps-exclude-parents needs Proxy Synthesis over --loss "
          + ", ".join(EXCLUDABLE_LOSSES)),
+        (args.ps_detach_parent_proxies and not args.ps,
+         "--ps-detach-parent-proxies needs Proxy Synthesis (not --no-ps)"),
         (args.ps and args.loss in TUPLE_LOSSES,
          f"--loss {args.loss} is not a proxy loss: Proxy Synthesis needs --no-ps"),
         (bool({"num_classes", "embedding_size"} & set(args.loss_kwargs)),
@@ -899,6 +905,7 @@ def build_class_loss(args: argparse.Namespace, num_classes: int) -> nn.Module:
             lam_per=args.ps_lam_per,
             positive_divisor=args.ps_positive_divisor,
             exclude_parents=args.ps_exclude_parents,
+            detach_parent_proxies=args.ps_detach_parent_proxies,
         )
     return loss
 

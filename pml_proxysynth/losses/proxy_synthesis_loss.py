@@ -74,6 +74,12 @@ class ProxySynthesisLoss(BaseMetricLossFunction):
             matrix. For losses marked ``excludable_pairs`` in ``PROXY_SPECS``
             (ProxyAnchorLoss, ProxyNCALoss, NormalizedSoftmaxLoss, ArcFaceLoss,
             CosFaceLoss).
+        detach_parent_proxies: False (official): the synthetic proxies' gradients reach
+            their parents, so the synthetic classes also move the real proxies. True: the
+            synthetic proxies are mixes of detached parent proxies; the synthetic classes
+            then train the embeddings only (the real proxies get the gradients of the
+            real rows and of their role as negatives of the synthetic rows). Forward
+            values are unchanged.
         generator: optional ``torch.Generator`` for the pairs and lam; otherwise torch's
             global RNG, so ``torch.manual_seed`` makes runs reproducible. Under
             torch.distributed only rank 0's draw from it matters (see below).
@@ -112,6 +118,7 @@ class ProxySynthesisLoss(BaseMetricLossFunction):
         lam_per: str = "batch",
         positive_divisor: str = "all",
         exclude_parents: bool = False,
+        detach_parent_proxies: bool = False,
         generator: Optional[torch.Generator] = None,
         **kwargs,
     ):
@@ -183,6 +190,7 @@ class ProxySynthesisLoss(BaseMetricLossFunction):
         self.lam_per = lam_per
         self.positive_divisor = positive_divisor
         self.exclude_parents = bool(exclude_parents)
+        self.detach_parent_proxies = bool(detach_parent_proxies)
         self.generator = generator
         self.add_to_recordable_attributes(list_of_names=["alpha", "mu"], is_stat=False)
         self.add_to_recordable_attributes(
@@ -313,6 +321,8 @@ class ProxySynthesisLoss(BaseMetricLossFunction):
         else:
             p_pairs = _l2_normalize(_rows(raw_proxies, parents))
             proxies = raw_proxies
+        if self.detach_parent_proxies:
+            p_pairs = p_pairs.detach()
         p_syn = _mix(*p_pairs.unbind(1), lam)
         if normalize_proxies:
             p_syn = _l2_normalize(p_syn)

@@ -788,6 +788,7 @@ def test_resume_with_another_seed_of_a_subsampled_run_is_one_message(ex, cub_roo
             "--ps-exclude-parents needs",
         ),
         (["--no-ps", "--ps-exclude-parents"], "--ps-exclude-parents needs"),
+        (["--no-ps", "--ps-detach-parent-proxies"], "--ps-detach-parent-proxies needs"),
     ],
 )
 def test_bad_flag_combinations(ex, capsys, argv, message):
@@ -941,12 +942,13 @@ def test_build_loss_passes_the_flags_on(ex):
         "--device", "cpu", "--proxy-anchor-alpha", "16", "--proxy-anchor-margin", "0.2",
         "--ps-alpha", "2", "--ps-mu", "0.5", "--ps-pairing", "roll", "--ps-lam-per",
         "pair", "--ps-positive-divisor", "real", "--ps-exclude-parents",
+        "--ps-detach-parent-proxies",
     ])  # fmt: skip
     setup = ex.build_loss(args, 7)
     assert setup.loss_weights == {"metric_loss": 1.0} and setup.mining_funcs == {}
     ps = setup.loss_funcs["metric_loss"]
-    assert (ps.alpha, ps.mu, ps.pairing, ps.lam_per, ps.positive_divisor, ps.exclude_parents) == (
-        2.0, 0.5, "roll", "pair", "real", True
+    assert (ps.alpha, ps.mu, ps.pairing, ps.lam_per, ps.positive_divisor, ps.exclude_parents, ps.detach_parent_proxies) == (
+        2.0, 0.5, "roll", "pair", "real", True, True
     )  # fmt: skip
     inner = ps.loss
     assert isinstance(inner, losses.ProxyAnchorLoss)

@@ -536,6 +536,59 @@ class TestExcludeParents(unittest.TestCase):
                 ProxySynthesisLoss(bad, exclude_parents=True)
 
 
+class TestDetachParentProxies(unittest.TestCase):
+    def test_gradients_equal_a_mix_of_constant_parent_proxies(self):
+        """detach_parent_proxies=True: the loss is unchanged, and the gradients are
+        those of the inner loss over C + M classes whose synthetic proxies are mixes of
+        the parents' proxies taken as constants, written out here; the official
+        gradients of the proxies differ from them (the option changes something)."""
+        for name, param, on_rows in (
+            ("ProxyAnchorLoss", "proxies", True),
+            ("NormalizedSoftmaxLoss", "W", False),
+        ):
+            with self.subTest(loss=name):
+                torch.manual_seed(0)
+                inner = build_losses(NUM_CLASSES)[name].to(TEST_DEVICE, torch.float64)
+                emb = torch.randn(
+                    BATCH_SIZE, EMBEDDING_SIZE, device=TEST_DEVICE, dtype=torch.float64
+                )
+                labels = torch.randint(0, 4, (BATCH_SIZE,), device=TEST_DEVICE)
+                grads = {}
+                for detach in (True, False):
+                    wrapper = ProxySynthesisLoss(inner, detach_parent_proxies=detach)
+                    inner.zero_grad()
+                    leaf = emb.clone().requires_grad_()
+                    syn, loss = synthesis_and_loss(wrapper, leaf, labels)
+                    loss.backward()
+                    grads[detach] = (loss, leaf.grad, getattr(inner, param).grad)
+
+                i, j = syn.pairs.unbind(1)
+                lam = syn.lam
+                leaf = emb.clone().requires_grad_()
+                raw = getattr(inner, param).detach().clone().requires_grad_()
+                x = F.normalize(leaf, dim=1)
+                x_syn = F.normalize(lam * x[i] + (1 - lam) * x[j], dim=1)
+                p = F.normalize(raw if on_rows else raw.t(), dim=1)
+                fixed = p.detach()
+                p_syn = lam * fixed[labels[i]] + (1 - lam) * fixed[labels[j]]
+                all_p = torch.cat([p, F.normalize(p_syn, dim=1)])
+                fresh = build_losses(len(all_p))[name].to(TEST_DEVICE, torch.float64)
+                expected = torch.func.functional_call(
+                    fresh,
+                    {param: all_p if on_rows else all_p.t()},
+                    (torch.cat([x, x_syn]), syn.labels),
+                )
+                expected.backward()
+                loss, emb_grad, proxy_grad = grads[True]
+                torch.testing.assert_close(loss, expected, rtol=1e-10, atol=1e-12)
+                torch.testing.assert_close(
+                    grads[False][0], expected, rtol=1e-10, atol=0
+                )
+                torch.testing.assert_close(emb_grad, leaf.grad, rtol=1e-8, atol=1e-12)
+                torch.testing.assert_close(proxy_grad, raw.grad, rtol=1e-8, atol=1e-12)
+                self.assertFalse(torch.allclose(grads[False][2], raw.grad, atol=1e-6))
+
+
 class TestPairing(unittest.TestCase):
     def test_random_pairs_differ_on_m_per_class_batches(self):
         dataset_labels = np.repeat(np.arange(20), 6)
