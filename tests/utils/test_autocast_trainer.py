@@ -86,6 +86,19 @@ def amp_dtype():
     return torch.float16 if TEST_DEVICE.type == "cuda" else torch.bfloat16
 
 
+def with_and_without_scaler(trainer_class, **kwargs):
+    """The same autocast training set-up (same seed, same proxies) twice: with a
+    GradScaler, then without; yields (trainer, trunk, embedder, inner loss)."""
+    for scaler in (torch.amp.GradScaler(TEST_DEVICE.type, init_scale=2.0**8), None):
+        torch.manual_seed(0)  # the same proxies (build seeds the rest)
+        inner = losses.ProxyAnchorLoss(NUM_CLASSES, DIM)
+        trainer, trunk, embedder, _ = build(
+            with_autocast(trainer_class), ProxySynthesisLoss(inner),
+            amp_dtype=amp_dtype(), grad_scaler=scaler, **kwargs,
+        )  # fmt: skip
+        yield trainer, trunk, embedder, inner
+
+
 class TestAutocastTrainer(unittest.TestCase):
     def test_losses_run_under_autocast(self):
         inner = losses.ProxyAnchorLoss(NUM_CLASSES, DIM)
@@ -132,14 +145,9 @@ class TestAutocastTrainer(unittest.TestCase):
         scaled by a power of 2 and the gradients unscaled before each step, so the
         weights end where the same autocast trainer without a scaler leaves them."""
         results = []
-        for scaler in (torch.amp.GradScaler(TEST_DEVICE.type, init_scale=2.0**8), None):
-            torch.manual_seed(0)  # the same proxies (build seeds the rest)
-            inner = losses.ProxyAnchorLoss(NUM_CLASSES, DIM)
-            trainer, trunk, _, _ = build(
-                with_autocast(trainers.CascadedEmbeddings), ProxySynthesisLoss(inner),
-                key="metric_loss_0", embedding_sizes=[DIM], amp_dtype=amp_dtype(),
-                grad_scaler=scaler,
-            )  # fmt: skip
+        for trainer, trunk, _, inner in with_and_without_scaler(
+            trainers.CascadedEmbeddings, key="metric_loss_0", embedding_sizes=[DIM]
+        ):
             before = (trunk.weight.detach().clone(), inner.proxies.detach().clone())
             trainer.train(num_epochs=1)
             after = (trunk.weight.detach().clone(), inner.proxies.detach().clone())
@@ -159,13 +167,9 @@ class TestAutocastTrainer(unittest.TestCase):
         gradients but must stay put); the loss's optimizer still steps, as without
         a scaler."""
         results = []
-        for scaler in (torch.amp.GradScaler(TEST_DEVICE.type, init_scale=2.0**8), None):
-            torch.manual_seed(0)  # the same proxies (build seeds the rest)
-            inner = losses.ProxyAnchorLoss(NUM_CLASSES, DIM)
-            trainer, trunk, embedder, _ = build(
-                with_autocast(trainers.MetricLossOnly), ProxySynthesisLoss(inner),
-                amp_dtype=amp_dtype(), grad_scaler=scaler, freeze_these=("trunk",),
-            )  # fmt: skip
+        for trainer, trunk, embedder, inner in with_and_without_scaler(
+            trainers.MetricLossOnly, freeze_these=("trunk",)
+        ):
             before = [m.weight.detach().clone() for m in (trunk, embedder)]
             proxies = inner.proxies.detach().clone()
             trainer.train(num_epochs=1)

@@ -26,32 +26,21 @@ class Slice(torch.nn.Module):
 
 
 class ManualWeighting(torch.nn.Module):
-    """DiVA's z = l2norm(cat(w_cls * e_cls, w_sh * e_sh)) with norms written out."""
+    """DiVA's z = l2norm(cat(w_cls * e_cls, w_sh * e_sh)) with norms written out; with
+    ``normalize_parts=False`` on the raw parts."""
 
-    def __init__(self, embedder, class_size, weights):
+    def __init__(self, embedder, class_size, weights, normalize_parts=True):
         super().__init__()
         self.embedder, self.class_size, self.weights = embedder, class_size, weights
+        self.normalize_parts = normalize_parts
 
     def forward(self, x):
         e = self.embedder(x)
         e_cls, e_sh = e[:, : self.class_size], e[:, self.class_size :]
-        e_cls = e_cls / torch.sqrt((e_cls**2).sum(1, keepdim=True))
-        e_sh = e_sh / torch.sqrt((e_sh**2).sum(1, keepdim=True))
+        if self.normalize_parts:
+            e_cls = e_cls / torch.sqrt((e_cls**2).sum(1, keepdim=True))
+            e_sh = e_sh / torch.sqrt((e_sh**2).sum(1, keepdim=True))
         z = torch.cat([self.weights[0] * e_cls, self.weights[1] * e_sh], dim=1)
-        return z / torch.sqrt((z**2).sum(1, keepdim=True))
-
-
-class ManualUnnormalizedWeighting(torch.nn.Module):
-    """z = l2norm(cat(w_1 * e_1, w_2 * e_2)) on the raw (not normalised) parts."""
-
-    def __init__(self, embedder, class_size, weights):
-        super().__init__()
-        self.embedder, self.class_size, self.weights = embedder, class_size, weights
-
-    def forward(self, x):
-        e = self.embedder(x)
-        e_1, e_2 = e[:, : self.class_size], e[:, self.class_size :]
-        z = torch.cat([self.weights[0] * e_1, self.weights[1] * e_2], dim=1)
         return z / torch.sqrt((z**2).sum(1, keepdim=True))
 
 
@@ -243,7 +232,7 @@ class TestEvaluateHeads(unittest.TestCase):
                 self.dataset_dict,
                 1,
                 self.trunk,
-                ManualUnnormalizedWeighting(embedder, 6, weights),
+                ManualWeighting(embedder, 6, weights, normalize_parts=False),
             )
             normalised = make_tester().test(
                 self.dataset_dict,
