@@ -475,7 +475,8 @@ class ProxySynthesisLoss(BaseMetricLossFunction):
             ]
         )[:num_pairs]
         scores = torch.rand(num_pairs, batch_size, generator=generator, device=device)
-        scores[on_device[first].unsqueeze(1) == on_device.unsqueeze(0)] = -1
+        # masked_fill_, not boolean-index assignment (which first finds the True entries)
+        scores.masked_fill_(on_device[first].unsqueeze(1) == on_device.unsqueeze(0), -1)
         pairs = torch.stack([first, scores.argmax(dim=1)], dim=1)
         return pairs.to(labels.device)
 
