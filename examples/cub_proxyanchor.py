@@ -116,9 +116,6 @@ EXCLUDABLE_LOSSES = tuple(
 # Sharing Matters baseline. Proxy Synthesis does not apply to them.
 TUPLE_LOSSES = ("margin",)
 TRUNKS = ("resnet50", "resnet18", "small_conv")
-# Proxy Synthesis's mu for Proxy-Anchor: the least harmful value of the sweep
-# (benchmarks/results/glyphs-proxy-anchor-sweep.md); the paper's 1.0 for the others.
-PROXY_ANCHOR_PS_MU = 0.25
 # Options that fix the shapes of saved models: --resume refuses to change them.
 STRUCTURAL_OPTIONS = (
     "dataset",
@@ -149,8 +146,9 @@ class ImageLoadError(RuntimeError):
 # ----------------------------------------------------------------------------- CLI
 
 
-class PerDataset:
-    """A default that depends on ``--dataset``; ``--help`` shows e.g. "224 (cub), 32 (glyphs)"."""
+class _PerChoice:
+    """A default that depends on another option; ``--help`` shows e.g. "224 (cub), 32
+    (glyphs)"."""
 
     def __init__(self, **values: Any):
         self.values = values
@@ -164,6 +162,26 @@ class PerDataset:
         return ", ".join(f"{show(v)} ({k})" for k, v in self.values.items())
 
     __repr__ = __str__
+
+
+class PerDataset(_PerChoice):
+    """A default that depends on ``--dataset``; "cub" also stands for cars196 and sop."""
+
+
+class PerLoss(_PerChoice):
+    """A default that depends on ``--loss``; "others" is every loss not named."""
+
+
+# Proxy Synthesis defaults that depend on the loss: the paper's algorithm (mu 1, official
+# gradients and negatives) for every loss but Proxy-Anchor, which gets the best setting
+# of its sweep (benchmarks/results/glyphs-proxy-anchor-sweep-notes.md): mu 0.25, and
+# synthetic classes that are not negatives of their parent classes and do not move the
+# real proxies.
+PS_LOSS_DEFAULTS = {
+    "ps_mu": PerLoss(proxy_anchor=0.25, others=1.0),
+    "ps_exclude_parents": PerLoss(proxy_anchor=True, others=False),
+    "ps_detach_parent_proxies": PerLoss(proxy_anchor=True, others=False),
+}
 
 
 def _key_value(text: str) -> Tuple[str, Any]:
@@ -285,10 +303,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the baseline: the proxy loss without Proxy Synthesis")
     g.add_argument("--ps-alpha", type=pos_float, default=0.4,
                    help="Proxy Synthesis: lambda ~ Beta(alpha, alpha)")
-    g.add_argument("--ps-mu", type=nonneg_float, default=None,
-                   help="Proxy Synthesis: synthetic classes per real sample (default: "
-                        f"{PROXY_ANCHOR_PS_MU} for proxy_anchor, where the paper's 1.0 "
-                        "hurt most in our sweep, see README; 1.0 for the others)")
+    g.add_argument("--ps-mu", type=nonneg_float, default=PS_LOSS_DEFAULTS["ps_mu"],
+                   help="Proxy Synthesis: synthetic classes per real sample (the "
+                        "paper's 1.0 hurt proxy_anchor most in our sweep, see README)")
     g.add_argument("--ps-pairing", choices=("random", "roll"), default="random",
                    help="Proxy Synthesis: pair rows of different classes at random, or "
                         "row i with row i-1 (official; adjacent labels must differ)")
@@ -299,11 +316,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "positive term by all proxies with a positive (official) or by "
                         "the real ones only; real_only also drops the synthetic "
                         "proxies' positive term")
-    g.add_argument("--ps-exclude-parents", action="store_true",
+    g.add_argument("--ps-exclude-parents", action=flag,
+                   default=PS_LOSS_DEFAULTS["ps_exclude_parents"],
                    help="Proxy Synthesis over " + ", ".join(EXCLUDABLE_LOSSES)
                         + ": a synthetic class is not a negative of its two parent "
                         "classes")
-    g.add_argument("--ps-detach-parent-proxies", action="store_true",
+    g.add_argument("--ps-detach-parent-proxies", action=flag,
+                   default=PS_LOSS_DEFAULTS["ps_detach_parent_proxies"],
                    help="Proxy Synthesis: the synthetic proxies are mixed from detached "
                         "parent proxies, so the synthetic classes train the embeddings "
                         "but do not move the real proxies")
@@ -408,8 +427,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
             setattr(args, name, value.values.get(args.dataset, value.values["cub"]))
     args.glyphs_option = dict(args.glyphs_option)
     args.output_dir = args.output_dir or os.path.join("runs", args.dataset)
-    if args.ps_mu is None:
-        args.ps_mu = PROXY_ANCHOR_PS_MU if args.loss == "proxy_anchor" else 1.0
+    for name, value in vars(args).items():
+        if isinstance(value, PerLoss):
+            value = value.values.get(args.loss, value.values["others"])
+            if isinstance(value, bool) and not args.ps:
+                value = False  # PS's switches stay off without PS (explicit: an error)
+            setattr(args, name, value)
     args.world_size = world_size_from_env()
     args.recall_ks = sorted(set(args.recall_ks))
 

@@ -139,8 +139,8 @@ def test_every_run_failed(bench, tmp_path, monkeypatch, capsys):
 # the options a counterpart may change against its baseline: Proxy Synthesis's and the
 # shared head's (everything else, e.g. --epochs, is the protocol they share)
 METHOD_OPTIONS = {"ps", "ps_mu", "ps_alpha", "ps_exclude_parents",
-                  "ps_positive_divisor", "shared_head", "decorrelation_rho",
-                  "shared_weight", "shared_strategy"}  # fmt: skip
+                  "ps_detach_parent_proxies", "ps_positive_divisor", "shared_head",
+                  "decorrelation_rho", "shared_weight", "shared_strategy"}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -169,6 +169,21 @@ def test_rows_train_what_their_names_say(bench, example):
             tags = dict(t.split("=") for t in row.method.split()[1:] if "=" in t)
             expected_epochs = int(tags.get("epochs", protocol[1]))
             assert args.epochs == expected_epochs, row
+
+
+def test_ps_rows_run_the_papers_algorithm_unless_their_flags_change_it(bench, example):
+    """The committed PS rows were made with the paper's gradients and negatives: they keep
+    them whatever the example's defaults for the loss (ProxyAnchor's are the trunk-only
+    variant), and a row's own flags, or flags after --, still switch them on."""
+    for rows, protocol in row_sets(bench):
+        for row in (r for r in rows if r.ps):
+            args = example.parse_args(bench.row_argv(row, "glyphs", 0, protocol))
+            assert args.ps_exclude_parents == ("--ps-exclude-parents" in row.flags), row
+            assert not args.ps_detach_parent_proxies, row
+    row = next(r for r in bench.ROWS if r.method == "proxy_anchor+ps")
+    extra = ["--ps-exclude-parents", "--ps-detach-parent-proxies"]
+    args = example.parse_args(bench.row_argv(row, "glyphs", 0, extra))
+    assert args.ps_exclude_parents and args.ps_detach_parent_proxies
 
 
 def test_counterparts_differ_from_their_baselines_in_the_method_only(bench, example):

@@ -551,7 +551,7 @@ def test_building_blocks_and_warmup(ex, cub_root, tmp_path):
     assert set(metrics) >= {"recall_at_1", "recall_at_2", "r_precision", "NMI"}
 
 
-def test_help_shows_dataset_dependent_defaults(ex, capsys):
+def test_help_shows_dataset_and_loss_dependent_defaults(ex, capsys):
     with pytest.raises(SystemExit) as exit_info:
         ex.parse_args(["--help"])
     assert exit_info.value.code == 0
@@ -559,6 +559,8 @@ def test_help_shows_dataset_dependent_defaults(ex, capsys):
     assert "224 (cub), 32 (glyphs)" in text
     assert "resnet50 (cub), small_conv (glyphs)" in text
     assert "512 (cub), 128 (glyphs)" in text
+    assert "(default: 0.25 (proxy_anchor), 1 (others))" in text
+    assert text.count("(default: on (proxy_anchor), off (others))") == 2
 
 
 def test_dataset_dependent_defaults_resolved(ex):
@@ -572,7 +574,17 @@ def test_dataset_dependent_defaults_resolved(ex):
     )
     assert cub.ps and cub.loss == "proxy_anchor" and cub.ps_alpha == 0.4
     assert cub.ps_mu == 0.25 and cub.ps_positive_divisor == "all"
-    assert ex.parse_args(["--device", "cpu", "--loss", "arcface"]).ps_mu == 1.0
+    # Proxy-Anchor's PS default is the trunk-only variant; the paper's for other losses
+    assert cub.ps_exclude_parents and cub.ps_detach_parent_proxies
+    arcface = ex.parse_args(["--device", "cpu", "--loss", "arcface"])
+    assert arcface.ps_mu == 1.0
+    assert not (arcface.ps_exclude_parents or arcface.ps_detach_parent_proxies)
+    paper = ex.parse_args(["--device", "cpu", "--no-ps-exclude-parents",
+                           "--no-ps-detach-parent-proxies"])  # fmt: skip
+    assert not (paper.ps_exclude_parents or paper.ps_detach_parent_proxies)
+    # the baseline: no error for the switches Proxy-Anchor's PS would default to
+    baseline = ex.parse_args(["--device", "cpu", "--no-ps"])
+    assert not (baseline.ps_exclude_parents or baseline.ps_detach_parent_proxies)
     assert ex.parse_args(["--device", "cpu", "--ps-mu", "2"]).ps_mu == 2.0
     # Recall@K in increasing K, each once (the calculator's metrics and the tables)
     assert ex.parse_args(
@@ -935,6 +947,12 @@ def test_optimizers_and_schedulers_per_parameter_group(ex):
         "metric_loss_0_optimizer": [0.002, 0.0], "metric_loss_1_optimizer": [0.002, 0.0],
         "decorrelation_loss_optimizer": [0.0001, 0.01],
     })  # fmt: skip
+
+
+def test_build_loss_proxy_anchor_ps_defaults(ex):
+    ps = ex.build_loss(ex.parse_args(["--device", "cpu"]), 7).loss_funcs["metric_loss"]
+    assert (ps.mu, ps.exclude_parents, ps.detach_parent_proxies) == (0.25, True, True)
+    assert (ps.alpha, ps.positive_divisor) == (0.4, "all")
 
 
 def test_build_loss_passes_the_flags_on(ex):
