@@ -607,7 +607,9 @@ def run_train_step(device: torch.device, config: TimingConfig, seed: int) -> Lis
         "random labels",
         f"- PS: the example's defaults (alpha {defaults.ps_alpha}, "
         f"mu {defaults.ps_mu}, {defaults.ps_pairing} pairing, one lam per "
-        f"{defaults.ps_lam_per}, positive divisor {defaults.ps_positive_divisor!r}); "
+        f"{defaults.ps_lam_per}, positive divisor {defaults.ps_positive_divisor!r}, "
+        f"parents excluded {defaults.ps_exclude_parents}, parent proxies detached "
+        f"{defaults.ps_detach_parent_proxies}); "
         f"shared head: {defaults.shared_size}-d, MarginLoss on "
         f"SharedCharacteristicsMiner({defaults.shared_strategy!r}) triplets, "
         f"weight {defaults.shared_weight}",
