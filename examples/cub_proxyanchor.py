@@ -1506,6 +1506,18 @@ def _check_resumable(args: argparse.Namespace) -> None:
                 ", ".join(_as_flag(k, saved[k]) for k in changed),
             )
         )
+    # the others may change (e.g. --epochs to train on), but say so: a default that
+    # changed between versions changes the training as silently as a flag would
+    other = [k for k in saved if k != "resume" and saved[k] != current.get(k, saved[k])]
+    if other:
+        logger.info(
+            "--resume: options that differ from the saved run's, in effect from now "
+            "on: %s",
+            ", ".join(
+                f"{_as_flag(k, current[k])} (saved: {_as_flag(k, saved[k])})"
+                for k in other
+            ),
+        )
 
 
 def _best_and_last(history: Dict[str, list], primary: str) -> Tuple[Dict, Dict]:

@@ -2,6 +2,7 @@
 
 import copy
 import json
+import logging
 import os
 import random
 import sqlite3
@@ -886,6 +887,24 @@ def test_resume_refuses_a_structural_change(ex, tmp_path, option):
     for other, value in [("epochs", 9), ("lr", 0.5), ("patience", 3)]:
         setattr(args, other, value)
     ex._check_resumable(args)  # training length and optimisation may change
+
+
+def test_resume_names_the_options_that_changed(ex, tmp_path, caplog):
+    argv = ["--device", "cpu", "--output-dir", str(tmp_path)]
+    saved = ex.parse_args(argv)
+    (tmp_path / "config.json").write_text(json.dumps(vars(saved)))
+    with caplog.at_level(logging.INFO, logger="cub_proxyanchor"):
+        ex._check_resumable(ex.parse_args(argv + ["--resume"]))
+        assert caplog.text == ""  # nothing but --resume itself changed
+        more = ["--resume", "--epochs", "70", "--no-ps-detach-parent-proxies"]
+        ex._check_resumable(ex.parse_args(argv + more))
+    message = caplog.text
+    assert f"--epochs 70 (saved: --epochs {saved.epochs})" in message
+    assert (
+        "without --ps-detach-parent-proxies (saved: --ps-detach-parent-proxies)"
+        in message
+    )
+    assert message.count("(saved:") == 2
 
 
 def test_best_and_last_by_hand(ex):
