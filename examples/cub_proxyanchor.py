@@ -425,14 +425,13 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     for name, value in vars(args).items():
         if isinstance(value, PerDataset):
             setattr(args, name, value.values.get(args.dataset, value.values["cub"]))
-    args.glyphs_option = dict(args.glyphs_option)
-    args.output_dir = args.output_dir or os.path.join("runs", args.dataset)
-    for name, value in vars(args).items():
-        if isinstance(value, PerLoss):
+        elif isinstance(value, PerLoss):
             value = value.values.get(args.loss, value.values["others"])
             if isinstance(value, bool) and not args.ps:
                 value = False  # PS's switches stay off without PS (explicit: an error)
             setattr(args, name, value)
+    args.glyphs_option = dict(args.glyphs_option)
+    args.output_dir = args.output_dir or os.path.join("runs", args.dataset)
     args.world_size = world_size_from_env()
     args.recall_ks = sorted(set(args.recall_ks))
 
