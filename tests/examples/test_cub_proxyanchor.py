@@ -564,7 +564,7 @@ def test_help_shows_dataset_and_loss_dependent_defaults(ex, capsys):
     assert text.count("(default: on (proxy_anchor), off (others))") == 2
 
 
-def test_dataset_dependent_defaults_resolved(ex):
+def test_dataset_and_loss_dependent_defaults_resolved(ex):
     cub = ex.parse_args(["--device", "cpu"])
     glyphs = ex.parse_args(["--dataset", "glyphs", "--device", "cpu"])
     assert (cub.image_size, cub.trunk, cub.pretrained, cub.embedding_size) == (224, "resnet50", True, 512)  # fmt: skip
