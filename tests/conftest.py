@@ -6,21 +6,10 @@ import pytest
 import torch
 
 
-def _autocast_on(device_type: str) -> bool:
-    try:
-        return torch.is_autocast_enabled(device_type)
-    except TypeError:  # torch < 2.4 takes no device type
-        return (
-            torch.is_autocast_cpu_enabled()
-            if device_type == "cpu"
-            else torch.is_autocast_enabled()
-        )
-
-
 def _global_modes() -> tuple:
     return (
-        _autocast_on("cpu"),
-        _autocast_on("cuda"),
+        torch.is_autocast_enabled("cpu"),
+        torch.is_autocast_enabled("cuda"),
         torch.is_grad_enabled(),
         torch.get_default_dtype(),
     )
