@@ -327,6 +327,9 @@ SUPPLEMENTARY_ROWS: List[Row] = [
     # plain shuffling leaves most anchors of a 128-batch over 324 classes without a
     # positive; these margin rows get class-balanced batches (2 per class) instead:
     *_with_and_without_shared("m=2", M_PER_CLASS_2),
+    # ... and trained 4x as long: a regulariser of the trunk may pay only once the
+    # baseline has learned what the class loss alone can teach it
+    *_with_and_without_shared("m=2 epochs=32", M_PER_CLASS_2 + EPOCHS_32),
     # the shared head with one of DiVA's other settings (algorithms.md B.4, B.9): the
     # adversarial decorrelation of the heads, a lower shared-loss weight, the
     # label-shuffle miner; and the paper's distance-weighted positive
