@@ -331,6 +331,7 @@ SUPPLEMENTARY_ROWS: List[Row] = [
     # baseline has learned what the class loss alone can teach it
     *_with_and_without_shared("m=2 epochs=32", M_PER_CLASS_2 + EPOCHS_32),
     *_with_and_without_shared("m=2 epochs=64", M_PER_CLASS_2 + EPOCHS_64),
+    *_with_and_without_shared("m=2 epochs=128", M_PER_CLASS_2 + EPOCHS_128),
     # the shared head with one of DiVA's other settings (algorithms.md B.4, B.9): the
     # adversarial decorrelation of the heads, a lower shared-loss weight, the
     # label-shuffle miner; and the paper's distance-weighted positive
