@@ -1130,8 +1130,9 @@ class TestInnerLossUnchanged(unittest.TestCase):
     def test_after_a_call_that_raised(self):
         class FailingProxyAnchor(losses.ProxyAnchorLoss):
             def compute_loss(self, *args, **kwargs):
-                # patched for the call
-                assert self.num_classes > NUM_CLASSES
+                # patched for the call: the enlarged set's proxies and class count
+                assert self.proxies.shape[0] == self.num_classes > NUM_CLASSES
+                assert not isinstance(self.proxies, torch.nn.Parameter)
                 assert not self.distance.normalize_embeddings
                 raise RuntimeError("boom")
 
