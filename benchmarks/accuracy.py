@@ -327,8 +327,8 @@ SUPPLEMENTARY_ROWS: List[Row] = [
     # plain shuffling leaves most anchors of a 128-batch over 324 classes without a
     # positive; these margin rows get class-balanced batches (2 per class) instead:
     *_with_and_without_shared("m=2", M_PER_CLASS_2),
-    # ... and trained 4x as long: a regulariser of the trunk may pay only once the
-    # baseline has learned what the class loss alone can teach it
+    # ... and trained 4x, 8x and 16x as long: a regulariser of the trunk may pay only
+    # once the baseline has learned what the class loss alone can teach it
     *_with_and_without_shared("m=2 epochs=32", M_PER_CLASS_2 + EPOCHS_32),
     *_with_and_without_shared("m=2 epochs=64", M_PER_CLASS_2 + EPOCHS_64),
     *_with_and_without_shared("m=2 epochs=128", M_PER_CLASS_2 + EPOCHS_128),
