@@ -26,7 +26,10 @@ class RecallAtKAccuracyCalculator(ac.AccuracyCalculator):
         recall_ks: the Ks, positive ints (default 1, 2, 4, 8).
         k: as in ``AccuracyCalculator`` (None, an int or ``"max_bin_count"``, the
             default here), but never fewer neighbours than ``max(recall_ks)`` are
-            retrieved (capped at the number of references).
+            retrieved (capped at the number of references). PML's metrics that depend
+            on k (``mean_average_precision``, ``mean_reciprocal_rank``) still see only
+            the neighbours ``AccuracyCalculator`` itself would retrieve, so they equal
+            PML's values.
         **kwargs: passed to ``AccuracyCalculator`` (``include``, ``exclude``,
             ``avg_of_avgs``, ``device``, ``knn_func``, ...). Metric names in ``include``
             and ``exclude`` may name the recall metrics.
@@ -64,8 +67,17 @@ class RecallAtKAccuracyCalculator(ac.AccuracyCalculator):
         k = super().determine_k(
             bin_counts, num_reference_embeddings, ref_includes_query
         )
+        self._pml_num_k = k
         available = num_reference_embeddings - int(ref_includes_query)
         return min(max(k, self.recall_ks[-1]), available)
+
+    def calculate_mean_average_precision(self, knn_labels, **kwargs):
+        knn_labels = knn_labels[:, : self._pml_num_k]
+        return super().calculate_mean_average_precision(knn_labels, **kwargs)
+
+    def calculate_mean_reciprocal_rank(self, knn_labels, **kwargs):
+        knn_labels = knn_labels[:, : self._pml_num_k]
+        return super().calculate_mean_reciprocal_rank(knn_labels, **kwargs)
 
     def _recall_at_k(
         self,

@@ -2,6 +2,7 @@ import math
 
 import pytest
 import torch
+from pytorch_metric_learning.utils import accuracy_calculator as ac
 
 from pml_proxysynth.utils.accuracy_calculator import RecallAtKAccuracyCalculator
 
@@ -151,3 +152,26 @@ def test_fewer_references_than_largest_recall_k(num_rows):
     for k in ks:
         assert result[f"recall_at_{k}"] == pytest.approx(mean[k], abs=1e-9)
     assert result["recall_at_8"] == 1.0
+
+
+@pytest.mark.parametrize("k", ["max_bin_count", None, 9])
+@pytest.mark.parametrize("same", [True, False])
+def test_k_dependent_pml_metrics_equal_pml(k, same):
+    """Retrieving max(recall_ks) neighbours must not change PML's own metrics: with
+    classes of 3, "max_bin_count" alone retrieves 2 or 3 neighbours, not 8."""
+    g = torch.Generator().manual_seed(8)
+    query = torch.randn(60, 4, generator=g)
+    labels = torch.arange(20).repeat_interleave(3)
+    reference, reference_labels = (query, labels) if same else (query + 0.1, labels)
+    metrics = (
+        "mean_average_precision",
+        "mean_reciprocal_rank",
+        "mean_average_precision_at_r",
+        "r_precision",
+        "precision_at_1",
+    )
+    ours = RecallAtKAccuracyCalculator(k=k, include=metrics, device=torch.device("cpu"))
+    pml = ac.AccuracyCalculator(k=k, include=metrics, device=torch.device("cpu"))
+    args = (query, labels) if same else (query, labels, reference, reference_labels)
+    expected = pml.get_accuracy(*args)
+    assert ours.get_accuracy(*args) == pytest.approx(expected, abs=1e-12)
