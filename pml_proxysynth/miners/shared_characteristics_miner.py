@@ -7,6 +7,7 @@ drawn by distance-weighted sampling (Wu et al., "Sampling Matters", 2017), as in
 authors' DiVA code; see docs algorithms.md B.4.
 """
 
+import contextlib
 import math
 import numbers
 from typing import Optional, Tuple
@@ -22,6 +23,8 @@ STRATEGIES = ("standard", "full", "random")
 # distances come from cosine similarities, which in float32 resolve D only down to about
 # 5e-4 (1 - s has a rounding error of 6e-8); below 1e-3 every distance is the same.
 _DIST_EPS = 1e-3
+# rows with a smaller norm are rescaled before normalising (the eps of PML's normalisation)
+_NORM_FLOOR = 1e-12
 # proposals per triplet of the rejection sampler of the uniform positive ("standard")
 _TRIES = 8
 
@@ -57,9 +60,10 @@ class SharedCharacteristicsMiner(BaseMiner):
     (cosine similarities), about 2x cheaper on CPU than the distance's ``cdist``; in
     float32 this resolves distances down to about 1e-3. Distances and weights are
     computed on detached values in at least float32 (half-precision inputs are
-    upcast), in one dtype for the query and reference rows (their common one). All work
-    is vectorised on the embeddings' device; indices are drawn by inverse-CDF sampling
-    (cumsum + searchsorted), which is much faster on CPU than ``torch.multinomial``.
+    upcast, and autocast is switched off while mining), in one dtype for the query and
+    reference rows (their common one). All work is vectorised on the embeddings' device;
+    indices are drawn by inverse-CDF sampling (cumsum + searchsorted), which is much
+    faster on CPU than ``torch.multinomial``.
 
     Args:
         strategy: "standard" (default), "full" or "random".
@@ -146,10 +150,27 @@ class SharedCharacteristicsMiner(BaseMiner):
         ref_labels: torch.Tensor,
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Returns (a, p, n): a indexes ``embeddings``, p and n index ``ref_emb``."""
+        device_type = embeddings.device.type
+        # under autocast (a mixed-precision trainer) the similarity matmul would run in
+        # half precision, and the weights would no longer follow the distance density
+        no_autocast = (
+            torch.autocast(device_type, enabled=False)
+            if torch.is_autocast_enabled(device_type)
+            else contextlib.nullcontext()
+        )
+        with no_autocast:
+            return self._mine(embeddings, labels, ref_emb, ref_labels)
+
+    def _mine(self, embeddings, labels, ref_emb, ref_labels):
         if labels is None or ref_labels is None:
             raise ValueError("SharedCharacteristicsMiner requires labels")
         same_ref = ref_emb is embeddings
         device = embeddings.device
+        if embeddings.shape[1] == 0 or ref_emb.shape[1] == 0:
+            raise ValueError(
+                "SharedCharacteristicsMiner needs embeddings with at least one "
+                f"column, got sizes {tuple(embeddings.shape)} and {tuple(ref_emb.shape)}"
+            )
         n_query, n_ref = embeddings.shape[0], ref_emb.shape[0]
         if n_query == 0 or n_ref == 0:
             return _empty_triplets(device)
@@ -158,15 +179,10 @@ class SharedCharacteristicsMiner(BaseMiner):
         dtype = torch.promote_types(
             torch.promote_types(embeddings.dtype, ref_emb.dtype), torch.float32
         )
-        emb = self._normalized(embeddings, dtype)
-        ref = emb if same_ref else self._normalized(ref_emb, dtype)
+        emb = self._normalized(embeddings, dtype, "embeddings")
+        ref = emb if same_ref else self._normalized(ref_emb, dtype, "ref_emb")
         # unit rows: squared distance D^2 = 2 - 2 * cosine similarity (one matmul)
         sim = emb @ ref.T
-        # a non-finite input row is NaN once normalised, and so is its row or column of
-        # sim; |sim| <= 1, so a sum of the first row and column is NaN only then
-        if bool(torch.isnan(sim[0].sum() + sim[:, 0].sum())):
-            _check_finite(embeddings, "embeddings")
-            _check_finite(ref_emb, "ref_emb")
         far = None
         if self.nonzero_loss_cutoff is not None:
             far = sim <= 1.0 - self.nonzero_loss_cutoff**2 / 2.0
@@ -221,9 +237,23 @@ class SharedCharacteristicsMiner(BaseMiner):
         self._set_stats(emb, ref, a_idx, p_idx, n_idx)
         return a_idx, p_idx, n_idx
 
-    def _normalized(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """Detached, unit-norm rows (by the distance) in ``dtype``."""
-        return self.distance.maybe_normalize(x.detach().to(dtype))
+    def _normalized(
+        self, x: torch.Tensor, dtype: torch.dtype, name: str
+    ) -> torch.Tensor:
+        """Detached, unit-norm rows in ``dtype``; non-finite rows raise.
+
+        A norm that overflowed (a huge finite row would come out as zeros) or that is
+        below the distance's eps (a tiny row would not reach unit norm) sends the rows
+        through the distance's normalisation after dividing each by its largest
+        absolute entry; zero rows stay zero, as with the distance.
+        """
+        x = x.detach().to(dtype)
+        norms = torch.linalg.vector_norm(x, dim=1, keepdim=True)
+        if bool(((norms >= _NORM_FLOOR) & (norms < math.inf)).all()):
+            return x / norms
+        _check_finite(x, name)
+        scale = x.abs().amax(dim=1, keepdim=True).clamp_min(torch.finfo(dtype).tiny)
+        return self.distance.maybe_normalize(x / scale)
 
     def _log_weights(self, sim: torch.Tensor, dim: int) -> torch.Tensor:
         """Log inverse density of unit-sphere distances, up to a constant per row.

@@ -585,11 +585,33 @@ class TestSharedCharacteristicsMinerEdgeCases(unittest.TestCase):
                 ):
                     miner(emb, labels, good, labels)
 
+    def test_zero_columns_raise(self):
+        labels = torch.arange(6).to(TEST_DEVICE)
+        with self.assertRaisesRegex(ValueError, "at least one column"):
+            SharedCharacteristicsMiner()(torch.zeros(6, 0).to(TEST_DEVICE), labels)
+
     def test_large_finite_values_are_accepted(self):
         emb = torch.full((8, 4), 6.0e4, dtype=torch.float16).to(TEST_DEVICE)
         emb[::2] *= -1
         labels = torch.arange(4).repeat_interleave(2).to(TEST_DEVICE)
         self.assertEqual(len(SharedCharacteristicsMiner()(emb, labels)[0]), 8)
+
+    def test_row_scale_does_not_matter(self):
+        # a huge finite row must not overflow to a zero row, nor a tiny one stay
+        # below unit norm: the draws equal those of the unscaled rows
+        g = torch.Generator().manual_seed(4)
+        emb = torch.randn(12, 8, generator=g).to(TEST_DEVICE)
+        labels = (torch.arange(12) % 4).to(TEST_DEVICE)
+        miner = SharedCharacteristicsMiner(strategy="full", triplets_per_anchor=200)
+        torch.manual_seed(5)
+        expected = miner(emb, labels)
+        for scale in (2e19, 1e-30):
+            scaled = emb.clone()
+            scaled[4] *= scale
+            self.assertTrue(bool(torch.isfinite(scaled).all()))
+            torch.manual_seed(5)
+            for x, y in zip(expected, miner(scaled, labels)):
+                self.assertTrue(torch.equal(x, y), scale)
 
     def test_bad_constructor_args(self):
         bad = [
@@ -665,6 +687,27 @@ class TestSharedCharacteristicsMinerEdgeCases(unittest.TestCase):
             g_second = gen_miner(emb, labels)
             for x, y in zip(g_first, g_second):
                 self.assertTrue(torch.equal(x, y))
+
+    def test_autocast_does_not_change_draws(self):
+        # a mixed-precision trainer mines under autocast; the weights must still be
+        # computed in float32 (at D = 512 a half-precision matmul moves candidate
+        # probabilities by up to 0.35)
+        device_type = torch.device(TEST_DEVICE).type
+        amp_dtype = torch.float16 if device_type == "cuda" else torch.bfloat16
+        g = torch.Generator().manual_seed(3)
+        emb = torch.randn(32, 512, generator=g).to(TEST_DEVICE)
+        labels = (torch.arange(32) % 8).to(TEST_DEVICE)
+        for strategy in ("standard", "full", "random"):
+            miner = SharedCharacteristicsMiner(
+                strategy=strategy, triplets_per_anchor=64
+            )
+            torch.manual_seed(11)
+            plain = miner(emb, labels)
+            torch.manual_seed(11)
+            with torch.autocast(device_type, dtype=amp_dtype):
+                mixed = miner(emb, labels)
+            for x, y in zip(plain, mixed):
+                self.assertTrue(torch.equal(x, y), strategy)
 
     def test_empty_batch(self):
         emb = torch.zeros(0, 8).to(TEST_DEVICE)
