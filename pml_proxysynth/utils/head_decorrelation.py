@@ -88,7 +88,7 @@ class HeadDecorrelationLoss(ModuleWithRecords):
             or not (math.isfinite(rho) and rho >= 0)
         ):
             raise ValueError(f"rho must be a finite number >= 0, got {rho!r}")
-        _check_positive_int("hidden", hidden)
+        hidden = _check_positive_int("hidden", hidden)
         if len(direction) != 2:
             raise ValueError(f"direction must be (source, target), got {direction!r}")
         self.source, self.target = (_part_index(p) for p in direction)

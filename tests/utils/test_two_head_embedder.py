@@ -1,5 +1,6 @@
 import unittest
 
+import numpy as np
 import torch
 
 from pml_proxysynth.utils import TwoHeadEmbedder, split_heads
@@ -84,6 +85,9 @@ class TestTwoHeadEmbedder(unittest.TestCase):
         for bad in (2.5, True, "8"):
             with self.assertRaises(TypeError):
                 TwoHeadEmbedder(bad)
+        numpy_sized = TwoHeadEmbedder(np.int64(8), np.int32(3), np.int64(2))
+        self.assertEqual(numpy_sized.embedding_sizes, [3, 2])
+        self.assertIs(type(numpy_sized.in_features), int)
         embedder = TwoHeadEmbedder(8, class_size=3, shared_size=2)
         with self.assertRaises(ValueError):
             embedder(torch.randn(2, 7))
