@@ -55,8 +55,10 @@ class ProxySynthesisLoss(BaseMetricLossFunction):
         alpha: Beta(alpha, alpha) shape of the mixing weight; > 0.
         mu: synthetic classes per real sample; >= 0 (0 turns synthesis off).
         pairing: "random" pairs each row with a random row of another class (works for any
-            batch, e.g. MPerClassSampler's); "roll" is the official pairing of row i with
-            row i-1 (then i-2, ... when mu > 1) and raises if a pair shares a class.
+            batch, e.g. MPerClassSampler's; with mu > 1 a row's partners are distinct
+            while it has enough other-class rows); "roll" is the official pairing of row
+            i with row i-1 (then i-2, ... when mu > 1) and raises if a pair shares a
+            class.
         lam_per: "batch" draws one lam per batch (the paper); "pair" one per synthetic row.
         positive_divisor: for losses that average a positive term over the proxies with a
             positive in the batch (ProxyAnchorLoss): "all" (the official behaviour) divides
@@ -466,11 +468,30 @@ class ProxySynthesisLoss(BaseMetricLossFunction):
                 for _ in range(rounds)
             ]
         )[:num_pairs]
-        scores = torch.rand(num_pairs, batch_size, generator=generator, device=device)
-        # masked_fill_, not boolean-index assignment (which first finds the True entries)
-        scores.masked_fill_(on_device[first].unsqueeze(1) == on_device.unsqueeze(0), -1)
-        pairs = torch.stack([first, scores.argmax(dim=1)], dim=1)
-        return pairs.to(labels.device)
+        # a partner uniform over the other classes' rows: the best of random scores
+        # (masked_fill_, not boolean-index assignment, which first finds the True entries)
+        if rounds == 1:
+            scores = torch.rand(
+                num_pairs, batch_size, generator=generator, device=device
+            )
+            scores.masked_fill_(
+                on_device[first].unsqueeze(1) == on_device.unsqueeze(0), -1
+            )
+            partner = scores.argmax(dim=1)
+        else:
+            # a row's partners in its rounds are distinct (a repeated pair would make
+            # two synthetic classes with one row and proxy under two labels) while it
+            # has enough other-class rows, and cycle through them after that
+            scores = torch.rand(
+                batch_size, batch_size, generator=generator, device=device
+            )
+            other = on_device.unsqueeze(1) != on_device.unsqueeze(0)
+            scores.masked_fill_(~other, -1)
+            ranked = scores.topk(min(rounds, batch_size), dim=1).indices
+            num_other = other.sum(dim=1)[first]
+            round_of_pair = torch.arange(num_pairs, device=device) // batch_size
+            partner = ranked[first, round_of_pair % num_other]
+        return torch.stack([first, partner], dim=1).to(labels.device)
 
     def _draw_lam(
         self,

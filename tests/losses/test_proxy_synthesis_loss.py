@@ -619,22 +619,48 @@ class TestPairing(unittest.TestCase):
         labels = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 2, 3], device=TEST_DEVICE)
         batch_size, draws = len(labels), 1000
         emb = torch.randn(batch_size, EMBEDDING_SIZE, device=TEST_DEVICE)
-        wrapper = ProxySynthesisLoss(
-            losses.ProxyAnchorLoss(4, EMBEDDING_SIZE).to(TEST_DEVICE), mu=1.0
-        )
-        observed = np.zeros((batch_size, batch_size))
-        torch.manual_seed(0)
-        for _ in range(draws):
-            pairs = wrapper.synthesize(emb, labels).pairs.cpu().numpy()
-            np.add.at(observed, (pairs[:, 0], pairs[:, 1]), 1)
         y = labels.cpu().numpy()
-        self.assertTrue((observed.sum(1) == draws).all())  # mu = 1: each row once
-        for i in range(batch_size):
-            others = y != y[i]
-            self.assertEqual(observed[i, ~others].sum(), 0)
-            expected = np.full(others.sum(), draws / others.sum())
-            p_value = scipy.stats.chisquare(observed[i, others], expected).pvalue
-            self.assertGreater(p_value, 1e-3, (i, observed[i]))
+        for mu in (1.0, 2.0):
+            wrapper = ProxySynthesisLoss(
+                losses.ProxyAnchorLoss(4, EMBEDDING_SIZE).to(TEST_DEVICE), mu=mu
+            )
+            observed = np.zeros((batch_size, batch_size))
+            torch.manual_seed(0)
+            for _ in range(draws):
+                pairs = wrapper.synthesize(emb, labels).pairs.cpu().numpy()
+                np.add.at(observed, (pairs[:, 0], pairs[:, 1]), 1)
+            # each row is a first parent mu times per call
+            self.assertTrue((observed.sum(1) == mu * draws).all())
+            for i in range(batch_size):
+                others = y != y[i]
+                self.assertEqual(observed[i, ~others].sum(), 0)
+                expected = np.full(others.sum(), mu * draws / others.sum())
+                p_value = scipy.stats.chisquare(observed[i, others], expected).pvalue
+                self.assertGreater(p_value, 1e-3, (mu, i, observed[i]))
+
+    def test_random_partners_of_a_row_are_distinct_when_mu_exceeds_one(self):
+        """With mu > 1 a row is a first parent in several rounds; the same pair twice
+        would be two synthetic classes with one row and proxy under two labels. Rows
+        with fewer other-class rows than rounds reuse them, all of them."""
+        wrapper = ProxySynthesisLoss(losses.ProxyAnchorLoss(4, EMBEDDING_SIZE), mu=3.0)
+        torch.manual_seed(0)
+        for labels in (torch.arange(4).repeat_interleave(4), torch.arange(16) % 4):
+            for _ in range(50):
+                pairs = wrapper._draw_pairs(labels, wrapper.num_synthetic_for(labels))
+                self.assertEqual(len(pairs), 48)
+                self.assertTrue((labels[pairs[:, 0]] != labels[pairs[:, 1]]).all())
+                self.assertEqual(len(set(map(tuple, pairs.tolist()))), 48)
+        # rows 0-2 have a single other-class row (3), which they take every round;
+        # row 3 has three, one per round
+        labels = torch.tensor([0, 0, 0, 1])
+        for _ in range(20):
+            pairs = wrapper._draw_pairs(labels, 12).tolist()
+            for i in range(3):
+                self.assertEqual([q for p, q in pairs if p == i], [3, 3, 3])
+            self.assertEqual(sorted(q for p, q in pairs if p == 3), [0, 1, 2])
+        # B = 2: the only pairs there are, alternately
+        pairs = wrapper._draw_pairs(torch.tensor([0, 1]), 6).tolist()
+        self.assertEqual(sorted(pairs), [[0, 1]] * 3 + [[1, 0]] * 3)
 
     def test_roll_pairs_with_predecessors(self):
         labels = torch.tensor([0, 1, 2, 0, 1, 2])
