@@ -43,6 +43,11 @@ class ProxySpec:
         as they are and the synthetic ones unnormalised, and normalises only the 2M
         parents' proxies when there are fewer than C (the loss normalises all C + M
         again in any case).
+    renormalizes_in_place: True if the loss rescales its proxy Parameter to unit norm in
+        place on every call (P2SGradLoss; its gradient then takes the normalisation as
+        the identity). The wrapper does the same to the Parameter at the start of each
+        ``forward``: it runs the loss on a copy, and without this the Parameter's norms
+        would drift in training, so training would no longer follow the bare loss's.
     """
 
     param: str
@@ -52,6 +57,7 @@ class ProxySpec:
     positive_term: Optional[str] = None
     excludable_pairs: bool = False
     normalizes_own_proxies: bool = False
+    renormalizes_in_place: bool = False
 
 
 _NUM_CLASSES = {"num_classes": _count}
@@ -92,7 +98,10 @@ PROXY_SPECS: Dict[Type[torch.nn.Module], ProxySpec] = {
         class_count_attrs=_NUM_CLASSES,
     ),
     losses.P2SGradLoss: ProxySpec(
-        "weight", classes_on_rows=False, class_count_attrs=_NUM_CLASSES
+        "weight",
+        classes_on_rows=False,
+        class_count_attrs=_NUM_CLASSES,
+        renormalizes_in_place=True,
     ),
 }
 

@@ -48,7 +48,9 @@ class ProxySynthesisLoss(BaseMetricLossFunction):
     x = lam*x_i + (1-lam)*x_j, p = lam*p_{y_i} + (1-lam)*p_{y_j}, each synthetic row its own
     new class. The unchanged inner loss then runs on the real and synthetic rows and proxies,
     all L2-normalised. The inner loss is a registered submodule, so its proxies are this
-    module's parameters; it is never modified.
+    module's parameters; it is left as it was after every call, except that a loss
+    that renormalises its proxies in place on every call (P2SGradLoss) gets that done
+    to its Parameter, as its own call would (``ProxySpec.renormalizes_in_place``).
 
     Args:
         loss: a supported PML proxy loss (see ``proxy_specs.PROXY_SPECS``).
@@ -204,6 +206,7 @@ class ProxySynthesisLoss(BaseMetricLossFunction):
 
         Unlike ``forward``, this ignores eval mode, so synthetic classes can be inspected.
         """
+        c_f.labels_required(labels)
         labels = c_f.to_device(labels, embeddings)
         self._check_inputs(embeddings, labels)
         labels = labels.long()  # see compute_loss
@@ -259,6 +262,8 @@ class ProxySynthesisLoss(BaseMetricLossFunction):
                 "row weight 0. Use a sampler instead of a tuple miner for this loss."
             )
         self._check_inputs(embeddings, labels)
+        if self.spec.renormalizes_in_place:
+            self._renormalize_proxies()
         # int64 whatever integer dtype they came in: the gathers need int32 or int64,
         # PML's one_hot int64, and the synthetic labels C, ..., C+M-1 may not fit int8
         labels = labels.long()
@@ -347,6 +352,13 @@ class ProxySynthesisLoss(BaseMetricLossFunction):
         with _for_the_call(self.loss, [(self.loss, self.spec.param, view)]):
             return self.loss(embeddings, labels)
 
+    @torch.no_grad()
+    def _renormalize_proxies(self) -> None:
+        """Rescales each proxy of the Parameter to unit norm in place, as the inner loss
+        does on every call (``ProxySpec.renormalizes_in_place``)."""
+        param = getattr(self.loss, self.spec.param)
+        param.copy_(F.normalize(param, dim=1 if self.spec.classes_on_rows else 0))
+
     def _centers_per_class(self) -> int:
         return (
             int(getattr(self.loss, self.spec.centers_attr))
@@ -376,7 +388,9 @@ class ProxySynthesisLoss(BaseMetricLossFunction):
             raise ValueError(f"labels must be integers, got dtype {labels.dtype}")
         num_classes = param.numel() // dim // self._centers_per_class()
         if len(labels):
-            low, high = (int(v) for v in torch.aminmax(labels))
+            # as int64: aminmax has no kernel for uint16/32/64 (uint64 above the int64
+            # range wraps to negative, and is reported as out of range)
+            low, high = (int(v) for v in torch.aminmax(labels.long()))
             if low < 0 or high >= num_classes:
                 raise ValueError(
                     f"labels must lie in [0, {num_classes}) for a loss with "
@@ -720,7 +734,7 @@ def _rows(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """``table[index]`` (rows of ``table`` along dim 0) through ``F.embedding``, whose
     backward accumulates the gradient much faster on CPU than advanced indexing's
     (``index_put_`` with accumulate): 2-3x for the pairs' gathers with 2 threads."""
-    flat = F.embedding(index, table.reshape(table.shape[0], -1))
+    flat = F.embedding(index, table.flatten(1))  # also for a table of 0 rows
     return flat.reshape(index.shape + table.shape[1:])
 
 

@@ -1,5 +1,6 @@
 import contextlib
 import copy
+import functools
 import itertools
 import math
 import unittest
@@ -14,7 +15,7 @@ from pytorch_metric_learning.distances import LpDistance
 from pytorch_metric_learning.utils import distributed
 
 from pml_proxysynth.losses import ProxySynthesisLoss
-from pml_proxysynth.losses.proxy_specs import PROXY_SPECS
+from pml_proxysynth.losses.proxy_specs import PROXY_SPECS, find_proxy_spec
 from pml_proxysynth.losses.proxy_synthesis_loss import LAMBDA_MODES, _WithoutPairs
 
 from .. import TEST_DEVICE, TEST_DTYPES
@@ -829,20 +830,20 @@ class TestBareLossCases(unittest.TestCase):
                     emb = emb.to(dtype)
                     labels = torch.randint(0, 4, (BATCH_SIZE,), device=TEST_DEVICE)
                     one_class = torch.full_like(labels, 2)
+                    # P2SGradLoss's weight is renormalised by the wrapper before the
+                    # loss renormalises it again: equal up to rounding
+                    if name == "P2SGradLoss":
+                        same = functools.partial(torch.allclose, rtol=1e-6, atol=0)
+                    else:
+                        same = torch.equal
                     wrapper = ProxySynthesisLoss(inner, mu=0, collect_stats=True)
-                    self.assertTrue(
-                        torch.equal(wrapper(emb, labels), bare(emb, labels))
-                    )
+                    self.assertTrue(same(wrapper(emb, labels), bare(emb, labels)))
                     self.assertEqual(wrapper.num_synthetic_classes, 0)
                     wrapper.mu = 1.0
-                    self.assertTrue(
-                        torch.equal(wrapper(emb, one_class), bare(emb, one_class))
-                    )
+                    self.assertTrue(same(wrapper(emb, one_class), bare(emb, one_class)))
                     self.assertEqual(wrapper.num_synthetic_classes, 0)
                     wrapper.eval()
-                    self.assertTrue(
-                        torch.equal(wrapper(emb, labels), bare(emb, labels))
-                    )
+                    self.assertTrue(same(wrapper(emb, labels), bare(emb, labels)))
 
     def test_bare_path_leaves_the_parameter_alone(self):
         """Eval mode, mu = 0 and a one-class batch run the bare inner loss, which casts
@@ -871,10 +872,43 @@ class TestBareLossCases(unittest.TestCase):
                         wrapper(emb.to(dtype), labels).backward()
                         self.assertIs(next(inner.parameters()), param)
                         self.assertEqual(param.dtype, torch.float32)
-                        self.assertTrue(torch.equal(param, before))
+                        if name == "P2SGradLoss":  # renormalised as the loss does
+                            expected = F.normalize(before, dim=0)
+                            self.assertTrue(torch.allclose(param, expected, atol=1e-6))
+                        else:
+                            self.assertTrue(torch.equal(param, before))
                         self.assertEqual(param.grad.dtype, torch.float32)
                         optimizer.step()
                         self.assertFalse(torch.equal(param, before))
+
+    def test_p2sgrad_training_follows_the_bare_loss(self):
+        """P2SGradLoss rescales its weight to unit norm in place on every call and takes
+        the gradient there; the wrapper runs it on a copy, so it must rescale the
+        Parameter itself, or the norms drift (to about 0.1 after 60 Adam steps) and
+        training departs from the bare loss's: with mu = 0 (the bare path) it trains
+        as the bare loss."""
+        torch.manual_seed(0)
+        bare = losses.P2SGradLoss(EMBEDDING_SIZE, NUM_CLASSES).to(TEST_DEVICE)
+        runs = {
+            "bare": bare,
+            "mu=0": ProxySynthesisLoss(copy.deepcopy(bare), mu=0),
+        }
+        optimizers = {
+            k: torch.optim.Adam(loss.parameters(), lr=0.01) for k, loss in runs.items()
+        }
+        g = torch.Generator().manual_seed(1)
+        for _ in range(60):
+            emb = torch.randn(BATCH_SIZE, EMBEDDING_SIZE, generator=g)
+            labels = torch.randint(0, NUM_CLASSES, (BATCH_SIZE,), generator=g)
+            values = {}
+            for k, loss in runs.items():
+                optimizers[k].zero_grad()
+                values[k] = loss(emb.to(TEST_DEVICE), labels.to(TEST_DEVICE))
+                values[k].backward()
+                optimizers[k].step()
+            self.assertTrue(torch.isclose(values["mu=0"], values["bare"], rtol=1e-4))
+        weights = {k: next(loss.parameters()).detach() for k, loss in runs.items()}
+        self.assertTrue(torch.allclose(weights["mu=0"], weights["bare"], atol=1e-4))
 
     def test_synthesize_without_synthetic_classes(self):
         inner = losses.ProxyAnchorLoss(NUM_CLASSES, EMBEDDING_SIZE)
@@ -888,6 +922,13 @@ class TestBareLossCases(unittest.TestCase):
                 self.assertTrue(
                     torch.allclose(syn.proxies, F.normalize(inner.proxies, dim=1))
                 )
+        empty = ProxySynthesisLoss(inner).synthesize(
+            torch.randn(0, EMBEDDING_SIZE), torch.zeros(0, dtype=torch.long)
+        )
+        self.assertEqual(empty.embeddings.shape, (0, EMBEDDING_SIZE))
+        self.assertEqual(empty.pairs.shape, (0, 2))
+        with self.assertRaisesRegex(ValueError, "labels"):
+            ProxySynthesisLoss(inner).synthesize(emb, None)
 
     def test_stats(self):
         wrapper = ProxySynthesisLoss(
@@ -984,14 +1025,33 @@ def is_container(value):
 PER_CALL_OUTPUTS = {"divisor"}
 
 
+class UnitProxies(torch.Tensor):
+    """Marks an expected value that is a renormalised Parameter."""
+
+
+def unit_proxies(param, spec):
+    """The proxies of ``param`` rescaled to unit norm, by hand."""
+    if spec.classes_on_rows:
+        norms = param.pow(2).sum(1, keepdim=True).sqrt()
+    else:
+        norms = param.pow(2).sum(0, keepdim=True).sqrt()
+    return (param / norms).as_subclass(UnitProxies)
+
+
 def inner_state(loss):
     """Everything a call could change on a PML loss and its submodules (distance,
     reducer, ...), stats aside: its parameters (the objects, their dtypes, devices and
-    values), its submodules (the objects) and their public attributes."""
+    values), its submodules (the objects) and their public attributes. A proxy
+    Parameter that the loss renormalises in place on every call (P2SGradLoss) is
+    expected back as its normalised value (the wrapper does that renormalisation)."""
+    spec = find_proxy_spec(loss)
     params = {
         n: (p, p.dtype, p.device, p.detach().clone())
         for n, p in loss.named_parameters()
     }
+    if spec.renormalizes_in_place:
+        param = params[spec.param]
+        params[spec.param] = param[:3] + (unit_proxies(param[3], spec),)
     modules = dict(loss.named_modules())
     attrs = {
         f"{name}.{k}": (
@@ -1015,7 +1075,10 @@ def assert_same_state(test: unittest.TestCase, before, after):
         now = params_after[name][0]
         test.assertIs(now, param, name)
         test.assertEqual((now.dtype, now.device), (dtype, device), name)
-        test.assertTrue(torch.equal(now.detach(), value), name)
+        if isinstance(value, UnitProxies):  # renormalised (again): up to rounding
+            test.assertTrue(torch.allclose(now.detach(), value, atol=1e-6), name)
+        else:
+            test.assertTrue(torch.equal(now.detach(), value), name)
     test.assertEqual(modules.keys(), modules_after.keys())
     for name, module in modules.items():
         test.assertIs(modules_after[name], module, name)
@@ -1246,7 +1309,15 @@ class TestBadInput(unittest.TestCase):
         emb = torch.randn(batch_size, EMBEDDING_SIZE, device=TEST_DEVICE)
         labels = torch.randint(0, 10, (batch_size,), device=TEST_DEVICE)
         for name in ("ProxyAnchorLoss", "ProxyNCALoss"):
-            for dtype in (torch.int8, torch.uint8, torch.int16, torch.int32):
+            for dtype in (
+                torch.int8,
+                torch.uint8,
+                torch.int16,
+                torch.uint16,
+                torch.int32,
+                torch.uint32,
+                torch.uint64,
+            ):
                 with self.subTest(loss=name, dtype=dtype):
                     torch.manual_seed(0)
                     inner = build_losses(num_classes)[name].to(TEST_DEVICE)
