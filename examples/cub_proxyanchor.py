@@ -24,6 +24,7 @@ import inspect
 import itertools
 import json
 import logging
+import math
 import os
 import random
 import shutil
@@ -132,6 +133,18 @@ STRUCTURAL_OPTIONS = (
     "glyphs_option",
     "world_size",  # a torchrun run's loss checkpoint is DistributedLossWrapper's
     "ps",  # ProxySynthesisLoss saves its inner loss's proxies as loss.proxies
+)
+# Options that the checkpoint's optimizers and schedulers restore (PML's load_state_dict
+# puts back their lr, weight decay, step size and gamma): --resume refuses to change
+# them rather than say they changed and train with the saved ones.
+RESTORED_OPTIONS = (
+    "lr",
+    "proxy_lr_mult",
+    "weight_decay",
+    "lr_decay_step",
+    "lr_decay_gamma",
+    "beta_lr",
+    "decorrelation_lr",
 )
 
 
@@ -306,9 +319,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ps-mu", type=nonneg_float, default=PS_LOSS_DEFAULTS["ps_mu"],
                    help="Proxy Synthesis: synthetic classes per real sample (the "
                         "paper's 1.0 hurt proxy_anchor most in our sweep, see README)")
-    g.add_argument("--ps-pairing", choices=("random", "roll"), default="random",
-                   help="Proxy Synthesis: pair rows of different classes at random, or "
-                        "row i with row i-1 (official; adjacent labels must differ)")
+    g.add_argument("--ps-pairing", choices=("random",), default="random",
+                   help="Proxy Synthesis: pair rows of different classes at random (the "
+                        "official pairing of row i with row i-1, ProxySynthesisLoss("
+                        "pairing='roll'), needs batches whose neighbouring rows differ "
+                        "in class, which neither --sampler gives)")
     g.add_argument("--ps-lam-per", choices=("batch", "pair"), default="batch",
                    help="Proxy Synthesis: one lambda per batch (paper) or per pair")
     g.add_argument("--ps-positive-divisor", choices=POSITIVE_DIVISORS, default="all",
@@ -1159,8 +1174,10 @@ def evaluate(
 
 
 def _strip_levels(accuracies: Dict[str, Any]) -> Dict[str, float]:
+    """``{metric: value}`` from ``{metric_level0: value}``; a NaN that the SQLite records
+    return as None (no query had a same-class reference) stays NaN."""
     return {
-        k[: -len("_level0")]: float(v)
+        k[: -len("_level0")]: math.nan if v is None else float(v)
         for k, v in accuracies.items()
         if k.endswith("_level0")
     }
@@ -1443,10 +1460,9 @@ def check_checkpoint(hooks, trainer, model_folder: str) -> None:
         )
 
 
-def prepare_output_dir(args: argparse.Namespace) -> str:
-    """Creates --output-dir; refuses to mix runs (see --resume / --overwrite)."""
-    out = args.output_dir
-    model_folder = os.path.join(out, "models")
+def check_output_dir(args: argparse.Namespace) -> None:
+    """Refuses to mix runs in --output-dir (see --resume / --overwrite); changes nothing."""
+    model_folder = os.path.join(args.output_dir, "models")
     has_run = os.path.isdir(model_folder) and any(
         f.endswith(".pth") for f in os.listdir(model_folder)
     )
@@ -1456,9 +1472,16 @@ def prepare_output_dir(args: argparse.Namespace) -> str:
         _check_resumable(args)
     elif has_run and not args.overwrite:
         raise SetupError(
-            f"{out} already holds a run. Continue it with --resume, start over with "
-            "--overwrite, or choose another --output-dir."
+            f"{args.output_dir} already holds a run. Continue it with --resume, start "
+            "over with --overwrite, or choose another --output-dir."
         )
+
+
+def prepare_output_dir(args: argparse.Namespace) -> str:
+    """Checks and creates --output-dir; a fresh start clears an earlier run there."""
+    check_output_dir(args)
+    out = args.output_dir
+    model_folder = os.path.join(out, "models")
     if not args.resume:  # a fresh start: clear what an earlier run left here
         for name in ("models", "records", "tensorboard"):
             shutil.rmtree(os.path.join(out, name), ignore_errors=True)
@@ -1494,9 +1517,16 @@ def _check_resumable(args: argparse.Namespace) -> None:
     with open(path) as f:
         saved = json.load(f)
     current = json.loads(json.dumps(vars(args)))
-    changed = [
-        k for k in STRUCTURAL_OPTIONS if k in saved and saved[k] != current.get(k)
-    ]
+    structural = (
+        STRUCTURAL_OPTIONS
+        + (
+            # on glyphs the image size decides which characters pass the blank-render and
+            # homoglyph filters, hence the classes and their proxies' order
+            ("image_size",) if saved.get("dataset") == "glyphs" else ()
+        )
+        + RESTORED_OPTIONS
+    )
+    changed = [k for k in structural if k in saved and saved[k] != current.get(k)]
     if changed:
         raise SetupError(
             "--resume: the run in {} was made with other {}: {}".format(
@@ -1532,7 +1562,12 @@ def _best_and_last(history: Dict[str, list], primary: str) -> Tuple[Dict, Dict]:
         }
         for i, e in enumerate(epochs)
     ]
-    best = max(rows, key=lambda r: (r.get(primary, float("-inf")), -r["epoch"]))
+
+    def score(row: Dict) -> float:  # a NaN score (no evaluable query) ranks last
+        value = row.get(primary, -math.inf)
+        return -math.inf if math.isnan(value) else value
+
+    best = max(rows, key=lambda r: (score(r), -r["epoch"]))
     return best, rows[-1]
 
 
@@ -1559,13 +1594,14 @@ def _run(args: argparse.Namespace, rank: int) -> Dict[str, Any]:
     seed_everything(args.seed)
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
-    model_folder = os.path.join(args.output_dir, "models")
-    on_rank_zero_first(args, rank, lambda: prepare_output_dir(args), everywhere=False)
-
+    on_rank_zero_first(args, rank, lambda: check_output_dir(args), everywhere=False)
     # rank 0 renders the glyphs cache (or downloads CUB) before the others read it
     train_dataset, test_dataset = on_rank_zero_first(
         args, rank, lambda: build_datasets(args)
     )
+    # only now that the data is there may --overwrite delete the earlier run
+    on_rank_zero_first(args, rank, lambda: prepare_output_dir(args), everywhere=False)
+    model_folder = os.path.join(args.output_dir, "models")
     num_classes = count_classes(train_dataset)
     logger.info(
         "%s: %d training images of %d classes, %d test images of %d classes",
@@ -1661,6 +1697,8 @@ def _run(args: argparse.Namespace, rank: int) -> Dict[str, Any]:
         logger.info("resuming from epoch %d", start_epoch)
         if start_epoch > args.warmup_epochs:
             end_warmup(trainer)
+        if args.world_size > 1:  # the shuffle of the epoch to come, as end_of_epoch
+            trainer.sampler.set_epoch(start_epoch - 1)
     if start_epoch <= args.epochs:
         with _quiet_pml():
             trainer.train(start_epoch=start_epoch, num_epochs=args.epochs)

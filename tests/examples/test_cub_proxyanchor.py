@@ -3,6 +3,7 @@
 import copy
 import json
 import logging
+import math
 import os
 import random
 import sqlite3
@@ -11,6 +12,7 @@ import sys
 import urllib.error
 from pathlib import Path
 from types import SimpleNamespace
+from unittest.mock import ANY
 
 import numpy as np
 import pytest
@@ -741,7 +743,51 @@ def test_output_dir_protection(ex, cub_root, tmp_path, capsys):
     assert "--embedding-size 16" in capsys.readouterr().err
     assert ex.main(flags + ["--resume", "--epochs", "2", "--no-ps"]) == 1
     assert "other option: without --no-ps" in capsys.readouterr().err
+    # --overwrite deletes the run only once the new run's data is there
+    missing = cub_args(tmp_path / "no_data", out, "--trunk", "small_conv",
+                       "--no-pretrained", "--no-plots", "--no-download")  # fmt: skip
+    assert ex.main(missing + ["--overwrite"]) == 1
+    assert "CUB-200-2011" in capsys.readouterr().err
+    assert accuracy_epochs(out) == [1]
     assert ex.main(flags + ["--overwrite"]) == 0
+
+
+def test_nan_metrics_from_the_records_stay_nan(ex):
+    """With no query that has a same-class reference the metrics are NaN, which the
+    SQLite records give back as None: the summary keeps them as NaN (it raised)."""
+    history = {
+        "epoch": [1, 2],
+        "mean_average_precision_at_r_level0": [None, 0.5],
+        "recall_at_1_level0": [None, None],
+    }
+    best, last = ex._best_and_last(history, "mean_average_precision_at_r")
+    assert best == {"epoch": 2, "mean_average_precision_at_r": 0.5, "recall_at_1": ANY}
+    assert math.isnan(best["recall_at_1"]) and math.isnan(last["recall_at_1"])
+
+
+def test_resume_refuses_restored_and_glyphs_class_options(ex, tmp_path):
+    """The checkpoint's optimizers and schedulers restore their lr, weight decay, step
+    size and gamma, so a --resume that changes them would train with the saved ones;
+    on glyphs the image size decides the classes (on CUB it may change)."""
+    for dataset in ("glyphs", "cub"):
+        out = tmp_path / dataset
+        out.mkdir()
+        base = ["--device", "cpu", "--dataset", dataset, "--output-dir", str(out)]
+        if dataset == "cub":
+            base += ["--trunk", "small_conv", "--no-pretrained"]
+        saved = ex.parse_args(base)
+        (out / "config.json").write_text(json.dumps(vars(saved)))
+        size = str(saved.image_size + 8)
+        changes = [["--lr", "0.01"], ["--lr-decay-step", "1"], ["--beta-lr", "0.1"]]
+        changes += [["--image-size", size]] if dataset == "glyphs" else []
+        for change in changes:
+            args = ex.parse_args(base + ["--resume"] + change)
+            with pytest.raises(ex.SetupError, match=f"other option: {change[0]} "):
+                ex._check_resumable(args)
+        if dataset == "cub":
+            ex._check_resumable(
+                ex.parse_args(base + ["--resume", "--image-size", size])
+            )
 
 
 def test_resume_with_another_seed_of_a_subsampled_run_is_one_message(ex, cub_root, tmp_path, capsys):  # fmt: skip
@@ -801,6 +847,8 @@ def test_resume_with_another_seed_of_a_subsampled_run_is_one_message(ex, cub_roo
             "--ps-exclude-parents needs",
         ),
         (["--no-ps", "--ps-exclude-parents"], "--ps-exclude-parents needs"),
+        # roll needs neighbours of different classes, which neither sampler gives
+        (["--ps-pairing", "roll"], "invalid choice"),
         (["--no-ps", "--ps-detach-parent-proxies"], "--ps-detach-parent-proxies needs"),
     ],
 )
@@ -884,9 +932,11 @@ def test_resume_refuses_a_structural_change(ex, tmp_path, option):
     flag = "--no-ps" if option == "ps" else "--" + option.replace("_", "-")
     with pytest.raises(ex.SetupError, match=f"other option: .*{flag}"):
         ex._check_resumable(changed)
-    for other, value in [("epochs", 9), ("lr", 0.5), ("patience", 3)]:
+    for other, value in [("epochs", 9), ("image_size", 256), ("patience", 3)]:
         setattr(args, other, value)
-    ex._check_resumable(args)  # training length and optimisation may change
+    ex._check_resumable(
+        args
+    )  # training length, CUB's input size, early stop may change
 
 
 def test_resume_names_the_options_that_changed(ex, tmp_path, caplog):
@@ -977,7 +1027,7 @@ def test_build_loss_proxy_anchor_ps_defaults(ex):
 def test_build_loss_passes_the_flags_on(ex):
     args = ex.parse_args([
         "--device", "cpu", "--proxy-anchor-alpha", "16", "--proxy-anchor-margin", "0.2",
-        "--ps-alpha", "2", "--ps-mu", "0.5", "--ps-pairing", "roll", "--ps-lam-per",
+        "--ps-alpha", "2", "--ps-mu", "0.5", "--ps-lam-per",
         "pair", "--ps-positive-divisor", "real", "--ps-exclude-parents",
         "--ps-detach-parent-proxies",
     ])  # fmt: skip
@@ -985,7 +1035,7 @@ def test_build_loss_passes_the_flags_on(ex):
     assert setup.loss_weights == {"metric_loss": 1.0} and setup.mining_funcs == {}
     ps = setup.loss_funcs["metric_loss"]
     assert (ps.alpha, ps.mu, ps.pairing, ps.lam_per, ps.positive_divisor, ps.exclude_parents, ps.detach_parent_proxies) == (
-        2.0, 0.5, "roll", "pair", "real", True, True
+        2.0, 0.5, "random", "pair", "real", True, True
     )  # fmt: skip
     inner = ps.loss
     assert isinstance(inner, losses.ProxyAnchorLoss)
