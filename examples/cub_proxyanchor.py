@@ -436,6 +436,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     """Parses ``argv``, fills in the dataset-dependent defaults and checks combinations."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    # options set to other than their defaults, before the defaults are filled in: one
+    # that only matters with another option is refused without it, not ignored
+    given = {k for k, v in vars(args).items() if v != parser.get_default(k)}
     pretrained_by_default = isinstance(args.pretrained, PerDataset)
     for name, value in vars(args).items():
         if isinstance(value, PerDataset):
@@ -455,8 +458,25 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     }  # fmt: skip
     unknown = sorted(set(args.glyphs_option) - known_glyphs_options)
     recall_k = args.primary_metric.rsplit("_", 1)[1]
+
+    def needs(options: Sequence[str], condition: bool, requirement: str):
+        flags = ["--" + k.replace("_", "-") for k in options if k in given]
+        verb = "needs" if len(flags) == 1 else "need"
+        return bool(flags) and not condition, f"{', '.join(flags)} {verb} {requirement}"
+
     # fmt: off
     checks = [
+        needs(("ps_alpha", "ps_mu", "ps_lam_per"), args.ps,
+              "Proxy Synthesis (not --no-ps)"),
+        needs(("m_per_class",), args.sampler == "m_per_class", "--sampler m_per_class"),
+        needs(("shared_size", "shared_weight", "shared_strategy", "shared_cutoff"),
+              args.shared_head, "--shared-head"),
+        needs(("proxy_anchor_margin", "proxy_anchor_alpha"),
+              args.loss == "proxy_anchor", "--loss proxy_anchor"),
+        needs(("beta_lr",), args.loss in TUPLE_LOSSES or args.shared_head,
+              "a margin loss (--loss margin or --shared-head)"),
+        needs(("decorrelation_lr",), args.decorrelation_rho > 0,
+              "--decorrelation-rho > 0"),
         (args.dataset != "glyphs" and bool(args.glyphs_option),
          "--glyphs-option needs --dataset glyphs"),
         (bool(unknown), f"--glyphs-option: unknown key(s) {', '.join(unknown)}; known: "

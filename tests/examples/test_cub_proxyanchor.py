@@ -393,7 +393,7 @@ def test_torchrun_two_cpu_processes_rank_zero_writes(tmp_path):
 
 @pytest.mark.parametrize(
     "extra",
-    [["--shared-head", "--decorrelation-rho", "10"],  # PS + ProxyAnchor, shared head
+    [["--shared-head", "--shared-size", "8", "--decorrelation-rho", "10"],  # PS + ProxyAnchor, shared head
      ["--loss", "margin", "--no-ps"]],  # MarginLoss with PML's distance-weighted miner
 )  # fmt: skip
 def test_torchrun_shared_head_margin_and_m_per_class(tmp_path, extra):
@@ -403,7 +403,7 @@ def test_torchrun_shared_head_margin_and_m_per_class(tmp_path, extra):
     out = tmp_path / "run"
     flags = glyphs_args(
         tmp_path / "glyphs", out, "--no-plots", "--sampler", "m_per_class",
-        "--m-per-class", "2", "--batch-size", "16", "--shared-size", "8", *extra,
+        "--m-per-class", "2", "--batch-size", "16", *extra,
     )  # fmt: skip
     proc = run_torchrun(EXAMPLE, *flags)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -778,7 +778,8 @@ def test_resume_refuses_restored_and_glyphs_class_options(ex, tmp_path):
         saved = ex.parse_args(base)
         (out / "config.json").write_text(json.dumps(vars(saved)))
         size = str(saved.image_size + 8)
-        changes = [["--lr", "0.01"], ["--lr-decay-step", "1"], ["--beta-lr", "0.1"]]
+        changes = [["--lr", "0.01"], ["--lr-decay-step", "1"]]
+        changes += [["--proxy-lr-mult", "10"], ["--weight-decay", "0.1"]]
         changes += [["--image-size", size]] if dataset == "glyphs" else []
         for change in changes:
             args = ex.parse_args(base + ["--resume"] + change)
@@ -849,6 +850,21 @@ def test_resume_with_another_seed_of_a_subsampled_run_is_one_message(ex, cub_roo
         (["--no-ps", "--ps-exclude-parents"], "--ps-exclude-parents needs"),
         # roll needs neighbours of different classes, which neither sampler gives
         (["--ps-pairing", "roll"], "invalid choice"),
+        # options that only matter with another one are refused without it
+        (["--no-ps", "--ps-mu", "2"], "--ps-mu needs Proxy Synthesis"),
+        (
+            ["--no-ps", "--ps-alpha", "1", "--ps-lam-per", "pair"],
+            "--ps-alpha, --ps-lam-per need Proxy Synthesis",
+        ),
+        (["--m-per-class", "8"], "--m-per-class needs --sampler m_per_class"),
+        (["--shared-weight", "0.1"], "--shared-weight needs --shared-head"),
+        (["--shared-strategy", "full"], "--shared-strategy needs --shared-head"),
+        (
+            ["--loss", "arcface", "--proxy-anchor-margin", "0.2"],
+            "--proxy-anchor-margin needs --loss proxy_anchor",
+        ),
+        (["--beta-lr", "0.1"], "--beta-lr needs a margin loss"),
+        (["--decorrelation-lr", "0.1"], "--decorrelation-lr needs --decorrelation-rho"),
         (["--no-ps", "--ps-detach-parent-proxies"], "--ps-detach-parent-proxies needs"),
     ],
 )
