@@ -4,7 +4,6 @@ from typing import Optional, Type
 
 import torch
 from pytorch_metric_learning.trainers import BaseTrainer
-from pytorch_metric_learning.utils import common_functions as c_f
 
 
 class AutocastTrainerMixin:
@@ -49,20 +48,40 @@ class AutocastTrainerMixin:
     def step_optimizers(self):
         if self.grad_scaler is None:
             return super().step_optimizers()
-        stepped = False
-        for name, optimizer in self.optimizers.items():
-            if c_f.regex_replace("_optimizer$", "", name) in self.freeze_these:
-                continue
-            # GradScaler.step raises for an optimizer none of whose parameters has a
-            # gradient (e.g. a margin loss's betas when the miner found no tuple), where
-            # the plain optimizer.step() of PML's trainers does nothing
-            if any(
-                p.grad is not None for g in optimizer.param_groups for p in g["params"]
-            ):
-                self.grad_scaler.step(optimizer)
-                stepped = True
-        if stepped:
+        # the trainer's own step_optimizers picks what to step (freeze_these, or a
+        # trainer that steps some optimizers only); each step goes through the scaler
+        optimizers = self.optimizers
+        scaled = {k: _ScaledStep(v, self.grad_scaler) for k, v in optimizers.items()}
+        self.optimizers = scaled
+        try:
+            super().step_optimizers()
+        finally:
+            self.optimizers = optimizers
+        if any(s.stepped for s in scaled.values()):
             self.grad_scaler.update()
+
+
+class _ScaledStep:
+    """Stands in for an optimizer while a trainer steps: ``step()`` goes through the
+    GradScaler. An optimizer none of whose parameters has a gradient (e.g. a margin
+    loss's betas when the miner found no tuple) is skipped, where GradScaler.step would
+    raise and the plain optimizer.step() of PML's trainers does nothing."""
+
+    def __init__(
+        self, optimizer: torch.optim.Optimizer, scaler: "torch.amp.GradScaler"
+    ):
+        self.optimizer = optimizer
+        self.scaler = scaler
+        self.stepped = False
+
+    def step(self) -> None:
+        groups = self.optimizer.param_groups
+        if any(p.grad is not None for g in groups for p in g["params"]):
+            self.scaler.step(self.optimizer)
+            self.stepped = True
+
+    def __getattr__(self, name: str):
+        return getattr(self.optimizer, name)
 
 
 def with_autocast(trainer_class: Type[BaseTrainer]) -> Type[BaseTrainer]:

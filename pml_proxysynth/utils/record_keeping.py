@@ -15,6 +15,7 @@ from typing import NamedTuple, Optional, Tuple
 import record_keeper
 from pytorch_metric_learning.utils import common_functions as c_f
 from pytorch_metric_learning.utils.logging_presets import HookContainer
+from record_keeper.utils import hash_if_too_long
 
 logger = logging.getLogger(__name__)
 
@@ -33,13 +34,18 @@ class SafeRecordKeeper(record_keeper.RecordKeeper):
     PML's ``HookContainer`` records the losses recursively, so a loss holding an
     ``nn.Sequential`` yields groups named after its numbered children ("0_Linear_...");
     such names start with a digit, which SQLite rejects when the records are saved.
-    They are prefixed with "module_".
+    They are prefixed with "module_", and the renaming goes into ``hash_map``, where
+    ``HookContainer`` looks up the table of a group name (as for a hashed long name):
+    otherwise a ``record_group_name_prefix`` starting with a digit would hide the
+    accuracy table, and the hooks would find no best epoch and no history.
     """
 
     def append_primitive(self, group, series, value, global_iteration):
-        if group[:1].isdigit():
-            group = "module_" + group
-        super().append_primitive(group, series, value, global_iteration)
+        if not group[:1].isdigit():
+            return super().append_primitive(group, series, value, global_iteration)
+        safe = "module_" + group
+        super().append_primitive(safe, series, value, global_iteration)
+        self.hash_map[hash_if_too_long(safe)] = group
 
 
 def tensorboard_available() -> bool:

@@ -194,6 +194,23 @@ class TestAutocastTrainer(unittest.TestCase):
         self.assertTrue(torch.equal(before, margin.beta.detach()))
         self.assertEqual(len(trainer.seen_losses), 3)
 
+    def test_grad_scaler_keeps_the_trainers_own_choice_of_optimizers(self):
+        """A trainer that steps some optimizers only (as PML's
+        DeepAdversarialMetricLearning does in its generator-alone epochs) keeps doing
+        so with a scaler: the scaler steps what the trainer steps."""
+
+        class LossOnlySteps(trainers.MetricLossOnly):
+            def step_optimizers(self):
+                self.optimizers["metric_loss_optimizer"].step()
+
+        for trainer, trunk, _, inner in with_and_without_scaler(LossOnlySteps):
+            before = trunk.weight.detach().clone()
+            proxies = inner.proxies.detach().clone()
+            trainer.train(num_epochs=1)
+            self.assertIsNotNone(trunk.weight.grad)
+            self.assertTrue(torch.equal(before, trunk.weight.detach()))
+            self.assertFalse(torch.equal(proxies, inner.proxies.detach()))
+
     def test_grad_scaler_with_clippers_is_rejected(self):
         scaler = torch.amp.GradScaler(TEST_DEVICE.type)
         with self.assertRaisesRegex(ValueError, "gradient_clippers"):

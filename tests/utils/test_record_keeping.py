@@ -94,9 +94,13 @@ class Blobs(torch.utils.data.Dataset):
         return self.data[i], self.labels[i]
 
 
-@pytest.mark.parametrize("with_tensorboard", [True, False])
-def test_training_evaluates_and_saves(tmp_path, monkeypatch, with_tensorboard):
-    """With or without tensorboard, the epoch hook evaluates, records and saves models."""
+@pytest.mark.parametrize(
+    "with_tensorboard, prefix", [(True, None), (False, None), (False, "2heads")]
+)
+def test_training_evaluates_and_saves(tmp_path, monkeypatch, with_tensorboard, prefix):
+    """With or without tensorboard, the epoch hook evaluates, records and saves models;
+    also with a record group prefix that starts with a digit (its table is renamed for
+    SQLite, and the hooks must still find it)."""
     if not with_tensorboard:
         monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
     torch.manual_seed(0)
@@ -105,6 +109,7 @@ def test_training_evaluates_and_saves(tmp_path, monkeypatch, with_tensorboard):
         primary_metric="recall_at_1",
         validation_split_name="test",
         log_freq=1,
+        record_group_name_prefix=prefix,
     )
     assert (keeping.tensorboard_writer is not None) == with_tensorboard
     device = torch.device("cpu")
@@ -142,6 +147,8 @@ def test_training_evaluates_and_saves(tmp_path, monkeypatch, with_tensorboard):
     assert any(name.startswith("trunk_best") for name in saved)
     history = hooks.get_accuracy_history(tester, "test", return_all_metrics=True)
     assert history["epoch"] == [1, 2]
+    best_epoch, _ = hooks.get_best_epoch_and_accuracy(tester, "test")
+    assert best_epoch in (1, 2)
     assert "recall_at_2_level0" in history
     assert os.path.isfile(os.path.join(str(tmp_path), "records", "logs.db"))
     assert hooks.get_loss_history()["total_loss"]
