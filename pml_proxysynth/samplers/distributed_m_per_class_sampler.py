@@ -52,7 +52,11 @@ class DistributedMPerClassSampler(Sampler[int]):
                 num_replicas = torch.distributed.get_world_size()
             if rank is None:
                 rank = torch.distributed.get_rank()
-        for name, value in (("m", m), ("batch_size", batch_size)):
+        for name, value in (
+            ("m", m),
+            ("batch_size", batch_size),
+            ("length_before_new_iter", length_before_new_iter),
+        ):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
         if num_replicas < 1:

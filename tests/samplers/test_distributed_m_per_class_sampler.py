@@ -147,6 +147,10 @@ class TestDistributedMPerClassSampler(unittest.TestCase):
             (dict(rank=-1), r"rank must lie in \[0, 3\)"),
             (dict(m=0), "m must be an int >= 1"),
             (dict(batch_size=0), "batch_size must be an int >= 1"),
+            (
+                dict(length_before_new_iter=96.0),
+                "length_before_new_iter must be an int",
+            ),
             (dict(num_replicas=0), "num_replicas must be >= 1"),
             # 10 classes of m = 2 rows fill a global batch of 20 at most, not 3 x 8
             (dict(batch_size=8), r"3 ranks x batch_size 8\) needs 12 classes"),
