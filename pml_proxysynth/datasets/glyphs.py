@@ -26,6 +26,7 @@ from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
 import matplotlib
 import numpy as np
+import PIL.features
 import torch
 from fontTools import agl  # a hard dependency of matplotlib, not a new one
 from matplotlib.ft2font import FT2Font
@@ -100,6 +101,12 @@ _AUGMENTATION = {
 }
 _META_FILE = "meta.json"
 _ARRAYS = ("images", "class_indices", "font_indices", "augmentation_indices")
+
+
+def renderer_versions() -> dict[str, Optional[str]]:
+    """The versions of Pillow and its FreeType, which draw the glyphs: part of the cache
+    key, so that an upgrade that draws differently renders anew instead of reusing."""
+    return {"pillow": PIL.__version__, "freetype": PIL.features.version("freetype2")}
 
 
 class GlyphsCacheError(RuntimeError):
@@ -704,7 +711,8 @@ class Glyphs(Dataset):
     indices) and ``meta.json`` (config, characters, split); the folder is
     written under a temporary name and renamed into place. The hash covers
     every option except ``split`` and the transforms, plus the font files'
-    contents, so a different config never reads a stale cache. ``download``
+    contents and the Pillow and FreeType versions that draw them, so a different
+    config or renderer never reads a stale cache. ``download``
     keeps PML's name but means "render and cache if absent" (about 10 s for
     the default dataset); with ``download=False`` a missing cache raises
     FileNotFoundError. A corrupt cache raises :class:`GlyphsCacheError` naming
@@ -786,6 +794,7 @@ class Glyphs(Dataset):
             else hashlib.sha256(",".join(map(str, sorted(chars))).encode()).hexdigest(),
             "homoglyph_threshold": float(homoglyph_threshold),
             "fonts": [{"name": f.name, "sha256": f.sha256} for f in fonts],
+            "renderer": renderer_versions(),
         }
         digest = hashlib.sha256(
             json.dumps(self.config, sort_keys=True).encode()

@@ -376,6 +376,16 @@ class TestDeterminismAndCache(SmallGlyphsCase):
                 )
             self.assertEqual(again.cache_dir.name, self.all.cache_dir.name)
 
+    def test_cache_key_covers_the_renderer_versions(self):
+        """Pillow and FreeType draw the glyphs: another version of either must not
+        reuse this cache (download=False: it looks for one and finds none)."""
+        self.assertEqual(small(self.root, download=False).cache_dir, self.all.cache_dir)
+        for library in ("pillow", "freetype"):
+            versions = dict(glyphs.renderer_versions(), **{library: "0.0.1"})
+            with mock.patch.object(glyphs, "renderer_versions", return_value=versions):
+                with self.assertRaisesRegex(FileNotFoundError, "download=True"):
+                    small(self.root, download=False)
+
     def test_images_do_not_depend_on_which_other_classes_are_built(self):
         with tempfile.TemporaryDirectory() as other:
             subset = small(other, "train+test", characters="A<£7")
