@@ -11,7 +11,7 @@ size, sampler, epochs, learning rates and seeds; only the rows' own flags differ
     python benchmarks/accuracy.py                  # glyphs, all rows, seeds 0 1 2
     python benchmarks/accuracy.py --supplementary  # the extra rows (one flag changed)
     python benchmarks/accuracy.py --quick          # a <= 3 minute smoke run (CI)
-    python benchmarks/accuracy.py --sweep          # Proxy Synthesis settings for ProxyAnchor
+    python benchmarks/accuracy.py --sweep --seeds 0  # PS settings for ProxyAnchor (one seed)
     python benchmarks/accuracy.py --dataset cub --data-root data   # also cars196, sop
 
 On CUB-200-2011, Cars196 and SOP (PML's dataset classes, when their data is under
@@ -201,7 +201,7 @@ SUPPLEMENTARY_ROWS: List[Row] = [
     # sixteen times: the baseline still improved from 32 to 64 epochs, and the gap
     # narrowed by 0.2-0.35 points per doubling
     *_with_and_without_ps("proxy_anchor", "epochs=128", EPOCHS_128),
-    # and 32 times (one seed): whether the baseline starts to overfit
+    # and 32 times: whether the baseline starts to overfit
     *_with_and_without_ps("proxy_anchor", "epochs=256", EPOCHS_256),
     *_with_and_without_ps("proxy_anchor", "epochs=32 decay@16", DECAY_AT_16_OF_32),
     *_with_and_without_ps("proxy_anchor", "pa-recipe", PA_RECIPE),
@@ -324,7 +324,7 @@ SUPPLEMENTARY_ROWS: List[Row] = [
     *_with_and_without_ps(
         "proxy_nca", f"scale=12 {CUB_SIZED_TAG}", CUB_SIZED + NCA_SCALE_12
     ),
-    # plain shuffling leaves most anchors of a 128-batch over 324 classes without a
+    # plain shuffling leaves most anchors of a 128-batch over 321 classes without a
     # positive; these margin rows get class-balanced batches (2 per class) instead:
     *_with_and_without_shared("m=2", M_PER_CLASS_2),
     # ... and trained 4x, 8x and 16x as long: a regulariser of the trunk may pay only
@@ -502,8 +502,11 @@ def summarise(records: Dict[tuple, dict], rows: List[Row], title: str) -> str:
         "",
         "Mean ± std over seeds (metrics in %). Δ MAP@R is the paired difference to the "
         "row's baseline (same seed), mean ± std over seeds. train_seconds is each run's "
-        "wall time on the machine that ran it (two jobs side by side): rows run in "
-        "different sessions may come from machines of different speed.",
+        "wall time (data loading, training and the final test evaluation; shared-head "
+        "rows run after commit ca13e9b also score the heads' other weightings, three "
+        "more evaluations, about 17 s on glyphs) on the machine that ran it (two jobs "
+        "side by side): rows run in different sessions may come from machines of "
+        "different speed.",
         "",
         "| method | seeds | " + " | ".join(columns) + " | Δ MAP@R vs baseline |",
         "|" + "---|" * (len(columns) + 3),
