@@ -466,8 +466,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
     # fmt: off
     checks = [
-        needs(("ps_alpha", "ps_mu", "ps_lam_per"), args.ps,
+        needs(("ps_alpha", "ps_mu", "ps_lam_per", "ps_positive_divisor"), args.ps,
               "Proxy Synthesis (not --no-ps)"),
+        needs(("proxy_lr_mult",), args.loss not in TUPLE_LOSSES, "a proxy loss"),
+        needs(("lr_decay_gamma",), args.lr_decay_step > 0, "--lr-decay-step > 0"),
         needs(("m_per_class",), args.sampler == "m_per_class", "--sampler m_per_class"),
         needs(("shared_size", "shared_weight", "shared_strategy", "shared_cutoff"),
               args.shared_head, "--shared-head"),
@@ -1498,8 +1500,8 @@ def check_output_dir(args: argparse.Namespace) -> None:
 
 
 def prepare_output_dir(args: argparse.Namespace) -> str:
-    """Checks and creates --output-dir; a fresh start clears an earlier run there."""
-    check_output_dir(args)
+    """Creates --output-dir, after ``check_output_dir``; a fresh start clears an earlier
+    run there."""
     out = args.output_dir
     model_folder = os.path.join(out, "models")
     if not args.resume:  # a fresh start: clear what an earlier run left here

@@ -352,12 +352,13 @@ class ProxySynthesisLoss(BaseMetricLossFunction):
         with _for_the_call(self.loss, [(self.loss, self.spec.param, view)]):
             return self.loss(embeddings, labels)
 
-    @torch.no_grad()
     def _renormalize_proxies(self) -> None:
         """Rescales each proxy of the Parameter to unit norm in place, as the inner loss
-        does on every call (``ProxySpec.renormalizes_in_place``)."""
-        param = getattr(self.loss, self.spec.param)
-        param.copy_(F.normalize(param, dim=1 if self.spec.classes_on_rows else 0))
+        does on every call (``ProxySpec.renormalizes_in_place``). Through ``.data``, as
+        the loss does: an in-place write to the Parameter itself would bump its version
+        and break the backward of a graph built before this call."""
+        data = getattr(self.loss, self.spec.param).data
+        data.copy_(F.normalize(data, dim=1 if self.spec.classes_on_rows else 0))
 
     def _centers_per_class(self) -> int:
         return (

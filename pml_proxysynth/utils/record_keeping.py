@@ -8,6 +8,7 @@ files and an SQLite ``logs.db``), add tensorboard only when it is importable, an
 to build hooks without a record keeper.
 """
 
+import json
 import logging
 import os
 from typing import NamedTuple, Optional, Tuple
@@ -39,6 +40,16 @@ class SafeRecordKeeper(record_keeper.RecordKeeper):
     otherwise a ``record_group_name_prefix`` starting with a digit would hide the
     accuracy table, and the hooks would find no best epoch and no history.
     """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # the table names given so far in this folder (saved by save_records), so that
+        # a new process, e.g. a resumed run, finds renamed and hashed tables as well
+        folder = getattr(self.record_writer, "folder", None)
+        saved = os.path.join(folder, "hash_map.json") if folder else None
+        if saved and os.path.isfile(saved):
+            with open(saved) as f:
+                self.hash_map.update(json.load(f))
 
     def append_primitive(self, group, series, value, global_iteration):
         if not group[:1].isdigit():

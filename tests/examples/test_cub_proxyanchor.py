@@ -865,6 +865,18 @@ def test_resume_with_another_seed_of_a_subsampled_run_is_one_message(ex, cub_roo
         ),
         (["--beta-lr", "0.1"], "--beta-lr needs a margin loss"),
         (["--decorrelation-lr", "0.1"], "--decorrelation-lr needs --decorrelation-rho"),
+        (
+            ["--no-ps", "--ps-positive-divisor", "real"],
+            "--ps-positive-divisor needs Proxy Synthesis",
+        ),
+        (
+            ["--loss", "margin", "--no-ps", "--proxy-lr-mult", "10"],
+            "--proxy-lr-mult needs a proxy loss",
+        ),
+        (
+            ["--dataset", "glyphs", "--lr-decay-gamma", "0.1"],
+            "--lr-decay-gamma needs --lr-decay-step > 0",
+        ),
         (["--no-ps", "--ps-detach-parent-proxies"], "--ps-detach-parent-proxies needs"),
     ],
 )

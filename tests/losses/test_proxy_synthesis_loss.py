@@ -910,6 +910,21 @@ class TestBareLossCases(unittest.TestCase):
         weights = {k: next(loss.parameters()).detach() for k, loss in runs.items()}
         self.assertTrue(torch.allclose(weights["mu=0"], weights["bare"], atol=1e-4))
 
+    def test_p2sgrad_second_call_before_backward(self):
+        """The rescaling must not invalidate a graph built before it (two losses summed
+        before one backward, or a logging call in between), as with the bare loss."""
+        for mu in (0.0, 1.0):
+            with self.subTest(mu=mu):
+                inner = losses.P2SGradLoss(EMBEDDING_SIZE, NUM_CLASSES).to(TEST_DEVICE)
+                wrapper = ProxySynthesisLoss(inner, mu=mu)
+                emb = torch.randn(BATCH_SIZE, EMBEDDING_SIZE, device=TEST_DEVICE)
+                labels = torch.arange(BATCH_SIZE, device=TEST_DEVICE) % NUM_CLASSES
+                first = wrapper(emb, labels)
+                with torch.no_grad():
+                    wrapper(emb, labels)
+                (first + wrapper(emb, labels)).backward()
+                self.assertTrue(torch.isfinite(inner.weight.grad).all())
+
     def test_synthesize_without_synthetic_classes(self):
         inner = losses.ProxyAnchorLoss(NUM_CLASSES, EMBEDDING_SIZE)
         emb = torch.randn(5, EMBEDDING_SIZE)

@@ -149,6 +149,16 @@ def test_training_evaluates_and_saves(tmp_path, monkeypatch, with_tensorboard, p
     assert history["epoch"] == [1, 2]
     best_epoch, _ = hooks.get_best_epoch_and_accuracy(tester, "test")
     assert best_epoch in (1, 2)
+    # a new process (a resumed run) reading the same folder finds the same tables
+    fresh, _ = build_hooks(
+        str(tmp_path),
+        tensorboard=False,
+        primary_metric="recall_at_1",
+        validation_split_name="test",
+        record_group_name_prefix=prefix,
+    )
+    assert fresh.get_accuracy_history(tester, "test")["epoch"] == [1, 2]
+    assert fresh.get_best_epoch_and_accuracy(tester, "test")[0] == best_epoch
     assert "recall_at_2_level0" in history
     assert os.path.isfile(os.path.join(str(tmp_path), "records", "logs.db"))
     assert hooks.get_loss_history()["total_loss"]
