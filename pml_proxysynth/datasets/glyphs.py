@@ -103,10 +103,17 @@ _META_FILE = "meta.json"
 _ARRAYS = ("images", "class_indices", "font_indices", "augmentation_indices")
 
 
-def renderer_versions() -> dict[str, Optional[str]]:
-    """The versions of Pillow and its FreeType, which draw the glyphs: part of the cache
-    key, so that an upgrade that draws differently renders anew instead of reusing."""
-    return {"pillow": PIL.__version__, "freetype": PIL.features.version("freetype2")}
+def library_versions() -> dict[str, Optional[str]]:
+    """The versions of what makes the images: Pillow and its FreeType draw the glyphs,
+    matplotlib's reader finds the characters a font covers, numpy's generators draw the
+    augmentations (their streams may change between releases). Part of the cache key,
+    so that an upgrade that would make other images renders anew instead of reusing."""
+    return {
+        "pillow": PIL.__version__,
+        "freetype": PIL.features.version("freetype2"),
+        "matplotlib": matplotlib.__version__,
+        "numpy": np.__version__,
+    }
 
 
 class GlyphsCacheError(RuntimeError):
@@ -711,8 +718,8 @@ class Glyphs(Dataset):
     indices) and ``meta.json`` (config, characters, split); the folder is
     written under a temporary name and renamed into place. The hash covers
     every option except ``split`` and the transforms, plus the font files'
-    contents and the Pillow and FreeType versions that draw them, so a different
-    config or renderer never reads a stale cache. ``download``
+    contents and the versions of Pillow, FreeType, matplotlib and numpy, so a
+    different config or library never reads a stale cache. ``download``
     keeps PML's name but means "render and cache if absent" (about 10 s for
     the default dataset); with ``download=False`` a missing cache raises
     FileNotFoundError. A corrupt cache raises :class:`GlyphsCacheError` naming
@@ -794,7 +801,7 @@ class Glyphs(Dataset):
             else hashlib.sha256(",".join(map(str, sorted(chars))).encode()).hexdigest(),
             "homoglyph_threshold": float(homoglyph_threshold),
             "fonts": [{"name": f.name, "sha256": f.sha256} for f in fonts],
-            "renderer": renderer_versions(),
+            "libraries": library_versions(),
         }
         digest = hashlib.sha256(
             json.dumps(self.config, sort_keys=True).encode()

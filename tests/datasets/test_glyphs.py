@@ -376,13 +376,14 @@ class TestDeterminismAndCache(SmallGlyphsCase):
                 )
             self.assertEqual(again.cache_dir.name, self.all.cache_dir.name)
 
-    def test_cache_key_covers_the_renderer_versions(self):
-        """Pillow and FreeType draw the glyphs: another version of either must not
-        reuse this cache (download=False: it looks for one and finds none)."""
+    def test_cache_key_covers_the_library_versions(self):
+        """Pillow and FreeType draw the glyphs, matplotlib finds the characters, numpy
+        draws the augmentations: another version of any must not reuse this cache
+        (download=False: it looks for one and finds none)."""
         self.assertEqual(small(self.root, download=False).cache_dir, self.all.cache_dir)
-        for library in ("pillow", "freetype"):
-            versions = dict(glyphs.renderer_versions(), **{library: "0.0.1"})
-            with mock.patch.object(glyphs, "renderer_versions", return_value=versions):
+        for library in ("pillow", "freetype", "matplotlib", "numpy"):
+            versions = dict(glyphs.library_versions(), **{library: "0.0.1"})
+            with mock.patch.object(glyphs, "library_versions", return_value=versions):
                 with self.assertRaisesRegex(FileNotFoundError, "download=True"):
                     small(self.root, download=False)
 
