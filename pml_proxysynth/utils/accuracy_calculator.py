@@ -51,6 +51,7 @@ class RecallAtKAccuracyCalculator(ac.AccuracyCalculator):
                 f"k ({k}) must be at least the largest recall K ({ks[-1]})"
             )
         self.recall_ks = tuple(ks)
+        self._pml_num_k = None  # the k PML would retrieve, set per call by determine_k
         # AccuracyCalculator finds metrics through dir(self): bind one method per K.
         for x in self.recall_ks:
             setattr(
