@@ -336,6 +336,9 @@ def test_learning_curves_of_a_resumed_run_with_nothing_to_train(ex, cub_root, tm
     assert passed == [6]
 
 
+SAMPLER_EPOCH_LOGGER = Path(__file__).with_name("sampler_epoch_logger.py")
+
+
 def run_torchrun(script, *args):
     """``script`` with ``args`` under torchrun: 2 CPU processes of one thread each."""
     return subprocess.run(
@@ -371,13 +374,16 @@ def test_dataloader_workers_under_spawn_and_forkserver(tmp_path, start_method):
     assert accuracy_epochs(out) == [1]
 
 
-def test_torchrun_two_cpu_processes_rank_zero_writes(tmp_path):
+def test_torchrun_two_cpu_processes_rank_zero_writes(tmp_path, monkeypatch):
     """torchrun --nproc_per_node=2 on CPU (gloo): trains, only rank 0 evaluates and
-    writes, and --resume continues on both ranks."""
+    writes, and --resume continues on both ranks, with the shuffle of the epoch it
+    resumes at (the DistributedSampler's epoch; it repeated epoch 1's)."""
     out = tmp_path / "run"
     flags = glyphs_args(tmp_path / "glyphs", out, "--no-plots")
+    log = tmp_path / "sampler.jsonl"
+    monkeypatch.setenv("SAMPLER_LOG", str(log))
     for extra in ([], ["--resume", "--epochs", "2"]):
-        proc = run_torchrun(EXAMPLE, *flags, *extra)
+        proc = run_torchrun(SAMPLER_EPOCH_LOGGER, *flags, *extra)
         assert proc.returncode == 0, proc.stderr[-3000:]
         if not extra:
             # one record writer, one evaluation per epoch, one set of checkpoints
@@ -389,6 +395,9 @@ def test_torchrun_two_cpu_processes_rank_zero_writes(tmp_path):
     assert accuracy_epochs(out) == [1, 2]
     assert "trunk_2.pth" in os.listdir(out / "models")
     assert json.loads((out / "config.json").read_text())["world_size"] == 2
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    for rank in (0, 1):
+        assert [x["epoch"] for x in lines if x["rank"] == rank] == [0, 1]
 
 
 @pytest.mark.parametrize(
