@@ -33,6 +33,7 @@ import tarfile
 import time
 import urllib.error
 import warnings
+import zipfile
 from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 # Idle OpenMP threads sleep instead of spinning: on a busy CPU, spinning threads make
@@ -1480,6 +1481,23 @@ def check_checkpoint(hooks, trainer, model_folder: str) -> None:
             f"{', '.join(missing)} missing. Put the file(s) back, or start over with "
             "--overwrite."
         )
+    damaged = [os.path.basename(path) for path in paths if not _intact(path)]
+    if damaged:
+        raise SetupError(
+            f"--resume: the checkpoint of epoch {epoch} in {model_folder} cannot be "
+            f"read: {', '.join(damaged)} damaged (cut short by an interrupted save?). "
+            "Put back an intact copy, or start over with --overwrite."
+        )
+
+
+def _intact(path: str) -> bool:
+    """Whether a ``torch.save`` file (a zip archive) is complete, by its CRCs: cheaper
+    than loading it, and a file cut short raises deep inside torch.load."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return archive.testzip() is None
+    except (zipfile.BadZipFile, OSError):
+        return False
 
 
 def check_output_dir(args: argparse.Namespace) -> None:

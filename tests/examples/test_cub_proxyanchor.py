@@ -298,6 +298,15 @@ def test_resume_with_a_missing_checkpoint_file_is_one_message(ex, cub_root, tmp_
     err = capsys.readouterr().err
     assert "metric_loss_1.pth missing" in err and "Traceback" not in err
     assert accuracy_epochs(out) == [1]
+    # a file cut short (a save interrupted by a kill) is named too, not a traceback
+    # from deep inside torch.load
+    assert ex.main(flags + ["--overwrite"]) == 0
+    trunk = out / "models" / "trunk_1.pth"
+    trunk.write_bytes(trunk.read_bytes()[:100])
+    capsys.readouterr()
+    assert ex.main(flags + ["--resume", "--epochs", "2"]) == 1
+    err = capsys.readouterr().err
+    assert "trunk_1.pth damaged" in err and "Traceback" not in err
 
 
 def test_checkpoint_keeps_the_grad_scaler_state(ex, tmp_path):
