@@ -484,7 +484,10 @@ class ProxySynthesisLoss(BaseMetricLossFunction):
             ]
         )[:num_pairs]
         # a partner uniform over the other classes' rows: the best of random scores
-        # (masked_fill_, not boolean-index assignment, which first finds the True entries)
+        # (masked_fill_, not boolean-index assignment, which first finds the True entries).
+        # One round (mu <= 1) keeps its own draw of scores, one row per pair: the
+        # branch below draws one row per batch row, a different random stream, and
+        # would change every committed mu <= 1 result made with this one.
         if rounds == 1:
             scores = torch.rand(
                 num_pairs, batch_size, generator=generator, device=device
