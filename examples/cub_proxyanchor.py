@@ -480,6 +480,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
               "a margin loss (--loss margin or --shared-head)"),
         needs(("decorrelation_lr",), args.decorrelation_rho > 0,
               "--decorrelation-rho > 0"),
+        needs(("plot_classes",), args.plots, "figures (not --no-plots)"),
         (args.dataset != "glyphs" and bool(args.glyphs_option),
          "--glyphs-option needs --dataset glyphs"),
         (bool(unknown), f"--glyphs-option: unknown key(s) {', '.join(unknown)}; known: "

@@ -141,7 +141,7 @@ def quick(out, *extra):
         "--output-dir", str(out), "--image-size", "32", "--epochs", "1",
         "--warmup-epochs", "0", "--batch-size", "8", "--iterations-per-epoch", "2",
         "--embedding-size", "16", "--num-workers", "0", "--num-threads", "1",
-        "--device", "cpu", "--plot-classes", "3", "--log-freq", "1",
+        "--device", "cpu", "--log-freq", "1",
         *extra,
     ]  # fmt: skip
 
@@ -896,6 +896,7 @@ def test_resume_with_another_seed_of_a_subsampled_run_is_one_message(ex, cub_roo
             "--lr-decay-gamma needs --lr-decay-step > 0",
         ),
         (["--no-ps", "--ps-detach-parent-proxies"], "--ps-detach-parent-proxies needs"),
+        (["--no-plots", "--plot-classes", "3"], "--plot-classes needs figures"),
     ],
 )
 def test_bad_flag_combinations(ex, capsys, argv, message):
