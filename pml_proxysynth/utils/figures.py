@@ -4,7 +4,7 @@ matplotlib (and, for t-SNE, scikit-learn) are optional: they come with the ``exa
 extra. Every function writes a PNG and needs no display (Agg backend).
 """
 
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -51,19 +51,21 @@ def plot_learning_curves(
     accuracy_history: Dict[str, Sequence[float]],
     path: str,
     iterations_per_epoch: int = 1,
-) -> None:
-    """Losses against epochs (left) and metrics per epoch, in % (right).
+) -> List[str]:
+    """Losses against epochs (left) and metrics per epoch, in % (right); returns the
+    names of the curves drawn.
 
     ``loss_history`` and ``accuracy_history`` are what PML's ``HookContainer`` returns
     from ``get_loss_history()`` and ``get_accuracy_history(tester, split,
-    return_all_metrics=True)``: lists keyed by "~iteration~" / "epoch" and by loss or
-    "<metric>_level0" names.
+    return_all_metrics=True)``: lists keyed by "~iteration~" / "epoch" and by loss
+    names (every other column of PML's loss table: "total_loss", "metric_loss_0", ...)
+    or "<metric>_level0" names.
     """
     plt = _pyplot()
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
     iterations = np.asarray(loss_history.get("~iteration~", []), dtype=float)
     for name, values in loss_history.items():
-        if name.endswith("loss") and len(values) == len(iterations) > 0:
+        if name != "~iteration~" and len(values) == len(iterations) > 0:
             ax_loss.plot(iterations / max(iterations_per_epoch, 1), values, label=name)
     ax_loss.set(xlabel="epoch", ylabel="loss", title="training losses")
     epochs = accuracy_history.get("epoch", [])
@@ -78,6 +80,7 @@ def plot_learning_curves(
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+    return [line.get_label() for ax in (ax_loss, ax_acc) for line in ax.lines]
 
 
 def _scatter_classes(ax, points, labels, size: float) -> None:

@@ -62,6 +62,20 @@ def test_figures_are_written(tmp_path):
         assert (tmp_path / name).stat().st_size > 1000
 
 
+def test_learning_curves_draw_every_loss(tmp_path):
+    """Every loss column of PML's loss table, e.g. the two heads' losses of
+    CascadedEmbeddings and a decorrelation loss, not only names ending in "loss"."""
+    logged = ["metric_loss_0", "metric_loss_1", "decorrelation_loss", "total_loss"]
+    history = {"~iteration~": [0, 5], **{name: [2.0, 1.0] for name in logged}}
+    drawn = plot_learning_curves(
+        history,
+        {"epoch": [1], "recall_at_1_level0": [0.5], "best_epoch": [1]},
+        str(tmp_path / "c.png"),
+        iterations_per_epoch=5,
+    )
+    assert drawn == logged + ["R@1"]
+
+
 def test_metric_label():
     assert metric_label("recall_at_4") == "R@4"
     assert metric_label("mean_average_precision_at_r") == "MAP@R"
