@@ -242,11 +242,20 @@ def _non_negative(kind):
     return parse
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, except None: the help says what happens then."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command-line interface; dataset-dependent defaults are ``PerDataset``."""
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     pos_int, pos_float = _positive(int), _positive(float)
     nonneg_int, nonneg_float = _non_negative(int), _non_negative(float)
@@ -261,7 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "marked (cub) apply to cars196 and sop too")
     g.add_argument("--data-root", default="data",
                    help="folder that holds CUB_200_2011/ (downloaded there when it is "
-                        "missing), or the glyphs cache")
+                        "missing), Cars196/, Stanford_Online_Products/ or the glyphs "
+                        "cache")
     g.add_argument("--no-download", action="store_true",
                    help="never download CUB or render glyphs; fail if they are missing")
     g.add_argument("--glyphs-option", type=_key_value, action="append", default=[],
@@ -313,8 +323,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--loss-kwargs", type=_json_dict, default={},
                    help="more keyword arguments of the loss, as JSON, e.g. "
                         "'{\"temperature\": 0.05}' for normalized_softmax")
-    g.add_argument("--no-ps", dest="ps", action="store_false",
-                   help="the baseline: the proxy loss without Proxy Synthesis")
+    g.add_argument("--ps", action=flag, default=True,
+                   help="wrap the proxy loss in Proxy Synthesis; --no-ps: the baseline, "
+                        "the proxy loss alone")
     g.add_argument("--ps-alpha", type=pos_float, default=0.4,
                    help="Proxy Synthesis: lambda ~ Beta(alpha, alpha)")
     g.add_argument("--ps-mu", type=nonneg_float, default=PS_LOSS_DEFAULTS["ps_mu"],
@@ -414,8 +425,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start over in an --output-dir that holds a run (deletes it)")
     g.add_argument("--log-freq", type=pos_int, default=10,
                    help="record the losses every this many iterations")
-    g.add_argument("--no-plots", dest="plots", action="store_false",
-                   help="skip the learning-curve and embedding figures")
+    g.add_argument("--plots", action=flag, default=True,
+                   help="draw the learning-curve and embedding figures")
     g.add_argument("--plot-classes", type=pos_int, default=10,
                    help="test classes shown in the 2-D map of test embeddings")
 
@@ -437,9 +448,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     """Parses ``argv``, fills in the dataset-dependent defaults and checks combinations."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    # options set to other than their defaults, before the defaults are filled in: one
-    # that only matters with another option is refused without it, not ignored
-    given = {k for k, v in vars(args).items() if v != parser.get_default(k)}
+    # the options on the command line (at their default values too): one that only
+    # matters with another option is refused without it, not ignored
+    probe = build_parser()
+    for action in probe._actions:
+        action.default = argparse.SUPPRESS
+    given = set(vars(probe.parse_args(argv)))
     pretrained_by_default = isinstance(args.pretrained, PerDataset)
     for name, value in vars(args).items():
         if isinstance(value, PerDataset):
@@ -768,7 +782,10 @@ def build_dataset(args: argparse.Namespace, split: str, transform=None):
             **args.glyphs_option,
         )
     except (FileNotFoundError, ValueError, TypeError, RuntimeError) as e:
-        raise SetupError(f"glyphs dataset: {e}") from e
+        hint = ""
+        if args.no_download and isinstance(e, FileNotFoundError):
+            hint = " (here: run the example without --no-download)"
+        raise SetupError(f"glyphs dataset: {e}{hint}") from e
 
 
 def build_datasets(args: argparse.Namespace) -> Tuple[Any, Any]:
@@ -1543,12 +1560,18 @@ def prepare_output_dir(args: argparse.Namespace) -> str:
 
 def _as_flag(option: str, value: Any) -> str:
     """How the command line said ``option=value``: "--embedding-size 16", "--no-ps"."""
-    flag = "--" + option.replace("_", "-")
-    if option == "ps":
-        return "without --no-ps" if value else "--no-ps"
+    name = option.replace("_", "-")
+    if option == "world_size":  # not an option: how the run was started
+        return f"torchrun with {value} processes" if value > 1 else "one process"
     if isinstance(value, bool):
-        return flag if value else f"without {flag}"
-    return f"{flag} {value!r}"
+        if value:
+            return f"--{name}"
+        negatable = any(
+            isinstance(action, argparse.BooleanOptionalAction) and action.dest == option
+            for action in build_parser()._actions
+        )
+        return f"--no-{name}" if negatable else f"without --{name}"
+    return f"--{name} {value!r}"
 
 
 def _check_resumable(args: argparse.Namespace) -> None:
@@ -1578,7 +1601,11 @@ def _check_resumable(args: argparse.Namespace) -> None:
         )
     # the others may change (e.g. --epochs to train on), but say so: a default that
     # changed between versions changes the training as silently as a flag would
-    other = [k for k in saved if k != "resume" and saved[k] != current.get(k, saved[k])]
+    other = [
+        k
+        for k in saved
+        if k not in ("resume", "output_dir") and saved[k] != current.get(k, saved[k])
+    ]
     if other:
         logger.info(
             "--resume: options that differ from the saved run's, in effect from now "

@@ -43,8 +43,8 @@ class Synthesis(NamedTuple):
 class ProxySynthesisLoss(BaseMetricLossFunction):
     """Adds synthetic classes to a PML proxy loss before it runs (Proxy Synthesis).
 
-    For each batch, M = round(mu * B) pairs (i, j) of embeddings of different classes and
-    their class proxies are mixed with the same weight lam ~ Beta(alpha, alpha):
+    For each batch, M = floor(mu * B + 0.5) pairs (i, j) of embeddings of different
+    classes and their class proxies are mixed with the same weight lam ~ Beta(alpha, alpha):
     x = lam*x_i + (1-lam)*x_j, p = lam*p_{y_i} + (1-lam)*p_{y_j}, each synthetic row its own
     new class. The unchanged inner loss then runs on the real and synthetic rows and proxies,
     all L2-normalised. The inner loss is a registered submodule, so its proxies are this
@@ -218,7 +218,7 @@ class ProxySynthesisLoss(BaseMetricLossFunction):
         )
 
     def num_synthetic_for(self, labels: torch.Tensor) -> int:
-        """M for this batch: round(mu * B), or 0 when the batch holds a single class."""
+        """M for this batch: round(mu * B) with halves up, or 0 when the batch holds a single class."""
         if len(torch.unique(labels)) < 2:
             return 0
         return int(math.floor(self.mu * len(labels) + 0.5))

@@ -744,7 +744,7 @@ def test_unavailable_imagenet_weights(ex, cub_root, tmp_path, monkeypatch, capsy
 def test_glyphs_not_rendered_with_no_download(ex, tmp_path, capsys):
     flags = glyphs_args(tmp_path / "empty", tmp_path / "out", "--no-download")
     assert ex.main(flags) == 1
-    assert "download=True" in capsys.readouterr().err
+    assert "run the example without --no-download" in capsys.readouterr().err
 
 
 def test_output_dir_protection(ex, cub_root, tmp_path, capsys):
@@ -760,7 +760,7 @@ def test_output_dir_protection(ex, cub_root, tmp_path, capsys):
     assert ex.main(flags + ["--resume", "--epochs", "2", "--embedding-size", "8"]) == 1
     assert "--embedding-size 16" in capsys.readouterr().err
     assert ex.main(flags + ["--resume", "--epochs", "2", "--no-ps"]) == 1
-    assert "other option: without --no-ps" in capsys.readouterr().err
+    assert "other option: --ps" in capsys.readouterr().err
     # --overwrite deletes the run only once the new run's data is there
     missing = cub_args(tmp_path / "no_data", out, "--trunk", "small_conv",
                        "--no-pretrained", "--no-plots", "--no-download")  # fmt: skip
@@ -897,6 +897,10 @@ def test_resume_with_another_seed_of_a_subsampled_run_is_one_message(ex, cub_roo
         ),
         (["--no-ps", "--ps-detach-parent-proxies"], "--ps-detach-parent-proxies needs"),
         (["--no-plots", "--plot-classes", "3"], "--plot-classes needs figures"),
+        # given on the command line at their default values: refused all the same
+        (["--no-ps", "--ps-alpha", "0.4"], "--ps-alpha needs Proxy Synthesis"),
+        (["--m-per-class", "4"], "--m-per-class needs --sampler m_per_class"),
+        (["--dataset", "glyphs", "--lr-decay-gamma", "0.5"], "--lr-decay-gamma needs"),
     ],
 )
 def test_bad_flag_combinations(ex, capsys, argv, message):
@@ -976,7 +980,8 @@ def test_resume_refuses_a_structural_change(ex, tmp_path, option):
     (tmp_path / "config.json").write_text(json.dumps(vars(args)))
     changed = copy.copy(args)
     setattr(changed, option, STRUCTURAL[option])
-    flag = "--no-ps" if option == "ps" else "--" + option.replace("_", "-")
+    # the saved run's value, as the command line said it (world_size: how it ran)
+    flag = "one process" if option == "world_size" else "--" + option.replace("_", "-")
     with pytest.raises(ex.SetupError, match=f"other option: .*{flag}"):
         ex._check_resumable(changed)
     for other, value in [("epochs", 9), ("image_size", 256), ("patience", 3)]:
@@ -992,16 +997,19 @@ def test_resume_names_the_options_that_changed(ex, tmp_path, caplog):
     (tmp_path / "config.json").write_text(json.dumps(vars(saved)))
     with caplog.at_level(logging.INFO, logger="cub_proxyanchor"):
         ex._check_resumable(ex.parse_args(argv + ["--resume"]))
+        # the same folder, spelled another way
+        relative = ["--device", "cpu", "--output-dir", os.path.relpath(tmp_path)]
+        ex._check_resumable(ex.parse_args(relative + ["--resume"]))
         assert caplog.text == ""  # nothing but --resume itself changed
         more = ["--resume", "--epochs", "70", "--no-ps-detach-parent-proxies"]
-        ex._check_resumable(ex.parse_args(argv + more))
+        ex._check_resumable(ex.parse_args(argv + more + ["--no-plots"]))
     message = caplog.text
     assert f"--epochs 70 (saved: --epochs {saved.epochs})" in message
     assert (
-        "without --ps-detach-parent-proxies (saved: --ps-detach-parent-proxies)"
-        in message
+        "--no-ps-detach-parent-proxies (saved: --ps-detach-parent-proxies)" in message
     )
-    assert message.count("(saved:") == 2
+    assert "--no-plots (saved: --plots)" in message
+    assert message.count("(saved:") == 3
 
 
 def test_best_and_last_by_hand(ex):
