@@ -150,6 +150,11 @@ class TestSplitsAndLabels(SmallGlyphsCase):
             self.assertTrue(cat[0] in "LNS" or cat == "Po", (ch, cat))
             self.assertIn(ch, SMALL_CHARS)
 
+    def test_classes_within_a_split_are_in_code_point_order(self):
+        # the split is shuffled, the labels within each split follow the code points
+        for ds in (self.train, self.test):
+            self.assertEqual(ds.codepoints, sorted(ds.codepoints))
+
     def test_shuffled_split_is_not_code_point_order(self):
         # With the split taken in code point order, all Latin would be in train.
         latin_in_test = [c for c in self.test.classes if c in LATIN]

@@ -639,6 +639,26 @@ class TestPairing(unittest.TestCase):
                 p_value = scipy.stats.chisquare(observed[i, others], expected).pvalue
                 self.assertGreater(p_value, 1e-3, (mu, i, observed[i]))
 
+    def test_first_parents_of_a_partial_round_are_uniform(self):
+        """With M not a multiple of B (mu 0.5, 1.5), the rows of the partial round are a
+        uniform random subset: each row is a first parent floor(mu) + (mu mod 1) times
+        per call on average (chi-square). Taking the first rows would pass the class
+        constraint and fail here."""
+        labels = torch.arange(10) % 5
+        draws = 400
+        for mu in (0.5, 1.5):
+            wrapper = ProxySynthesisLoss(
+                losses.ProxyAnchorLoss(5, EMBEDDING_SIZE), mu=mu
+            )
+            torch.manual_seed(0)
+            counts = np.zeros(10)
+            for _ in range(draws):
+                pairs = wrapper._draw_pairs(labels, wrapper.num_synthetic_for(labels))
+                counts += np.bincount(pairs[:, 0].numpy(), minlength=10)
+            expected = np.full(10, mu * draws)
+            p_value = scipy.stats.chisquare(counts, expected).pvalue
+            self.assertGreater(p_value, 1e-3, (mu, counts))
+
     def test_random_partners_of_a_row_are_distinct_when_mu_exceeds_one(self):
         """With mu > 1 a row is a first parent in several rounds; the same pair twice
         would be two synthetic classes with one row and proxy under two labels. Rows
@@ -910,6 +930,20 @@ class TestBareLossCases(unittest.TestCase):
         weights = {k: next(loss.parameters()).detach() for k, loss in runs.items()}
         self.assertTrue(torch.allclose(weights["mu=0"], weights["bare"], atol=1e-4))
 
+    def test_p2sgrad_eval_call_rescales_the_parameter_as_the_bare_loss(self):
+        """The bare P2SGradLoss rescales its weight on every call, in eval mode too (a
+        validation loss); the wrapper's eval call must leave the same Parameter."""
+        torch.manual_seed(0)
+        bare = losses.P2SGradLoss(EMBEDDING_SIZE, NUM_CLASSES).to(TEST_DEVICE)
+        with torch.no_grad():
+            bare.weight.mul_(3.0)
+        wrapper = ProxySynthesisLoss(copy.deepcopy(bare)).eval()
+        bare.eval()
+        emb = torch.randn(BATCH_SIZE, EMBEDDING_SIZE, device=TEST_DEVICE)
+        labels = torch.arange(BATCH_SIZE, device=TEST_DEVICE) % NUM_CLASSES
+        self.assertTrue(torch.isclose(wrapper(emb, labels), bare(emb, labels)))
+        self.assertTrue(torch.allclose(wrapper.loss.weight, bare.weight, atol=1e-6))
+
     def test_p2sgrad_second_call_before_backward(self):
         """The rescaling must not invalidate a graph built before it (two losses summed
         before one backward, or a logging call in between), as with the bare loss."""
@@ -962,6 +996,18 @@ class TestBareLossCases(unittest.TestCase):
         self.assertTrue({"alpha", "mu"} <= set(wrapper._record_these))
         quiet = ProxySynthesisLoss(losses.ProxyAnchorLoss(5, EMBEDDING_SIZE))
         self.assertFalse(hasattr(quiet, "num_synthetic_classes"))
+        # one lam per pair: the recorded lam is their mean
+        per_pair = ProxySynthesisLoss(
+            losses.ProxyAnchorLoss(5, EMBEDDING_SIZE),
+            lam_per="pair",
+            collect_stats=True,
+        )
+        torch.manual_seed(0)
+        per_pair(emb, labels)
+        torch.manual_seed(0)
+        syn = per_pair.synthesize(emb, labels)
+        self.assertEqual(syn.lam.shape, (10,))
+        self.assertAlmostEqual(per_pair.lam, syn.lam.mean().item(), places=6)
 
 
 def seeded_loss_function(wrapper, generator, param_name, labels):
@@ -1359,6 +1405,12 @@ class TestBadInput(unittest.TestCase):
             emb[2, 3] = value
             with self.assertRaisesRegex(ValueError, "NaN or inf"):
                 self.wrapper(emb, self.labels)
+        # finite float16 rows whose sum overflows (to inf) are accepted
+        big = torch.full((32, 64), 50.0, dtype=torch.float16)
+        self.assertTrue(torch.isinf(big.sum()))
+        wrapper = ProxySynthesisLoss(losses.ProxyAnchorLoss(4, 64))
+        syn = wrapper.synthesize(big, torch.arange(32) % 4)
+        self.assertTrue(torch.isfinite(syn.embeddings).all())
 
     def test_reducers_that_cannot_reduce_the_enlarged_set(self):
         """An inner DoNothingReducer returns the loss dict, not a loss (the wrapper's

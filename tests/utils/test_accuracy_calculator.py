@@ -2,7 +2,9 @@ import math
 
 import pytest
 import torch
+from pytorch_metric_learning.distances import LpDistance
 from pytorch_metric_learning.utils import accuracy_calculator as ac
+from pytorch_metric_learning.utils.inference import CustomKNN
 
 from pml_proxysynth.utils.accuracy_calculator import RecallAtKAccuracyCalculator
 
@@ -152,6 +154,17 @@ def test_fewer_references_than_largest_recall_k(num_rows):
     for k in ks:
         assert result[f"recall_at_{k}"] == pytest.approx(mean[k], abs=1e-9)
     assert result["recall_at_8"] == 1.0
+    # a knn_func that cannot pad missing neighbours (PML's CustomKNN: torch.topk) gets
+    # no more than the references there are
+    calc = RecallAtKAccuracyCalculator(
+        recall_ks=ks,
+        include=tuple(f"recall_at_{k}" for k in ks),
+        knn_func=CustomKNN(LpDistance(normalize_embeddings=False)),
+        device=torch.device("cpu"),
+    )
+    result = calc.get_accuracy(embeddings, labels)
+    for k in ks:
+        assert result[f"recall_at_{k}"] == pytest.approx(mean[k], abs=1e-9)
 
 
 @pytest.mark.parametrize("k", ["max_bin_count", None, 9])
