@@ -218,7 +218,8 @@ class ProxySynthesisLoss(BaseMetricLossFunction):
         )
 
     def num_synthetic_for(self, labels: torch.Tensor) -> int:
-        """M for this batch: round(mu * B) with halves up, or 0 when the batch holds a single class."""
+        """M for this batch: round(mu * B), halves up (floor(mu * B + 0.5)), or 0 when
+        the batch holds a single class."""
         if len(torch.unique(labels)) < 2:
             return 0
         return int(math.floor(self.mu * len(labels) + 0.5))
