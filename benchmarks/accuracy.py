@@ -7,6 +7,8 @@ size, sampler, epochs, learning rates and seeds; only the rows' own flags differ
     benchmarks/results/<dataset>.md    mean +- std per method, and the paired MAP@R difference
                                        (same seed, with and without) for every counterpart
     benchmarks/results/<dataset>.png   MAP@R and R@1 bars with std error bars
+    benchmarks/results/<dataset>-heads.csv  shared-head rows: the other weightings of the
+                                       two heads (the class head alone, ...), per run
 
     python benchmarks/accuracy.py                  # glyphs, all rows, seeds 0 1 2
     python benchmarks/accuracy.py --supplementary  # the extra rows (one flag changed)
@@ -39,6 +41,9 @@ COLUMNS = (
     "dataset method loss ps shared_head seed recall_at_1 recall_at_2 recall_at_4 "
     "recall_at_8 map_at_r r_precision nmi train_seconds"
 ).split()
+# the example's results.json "heads": weightings of a shared-head run besides the
+# concatenation, which the main CSV holds
+HEAD_COLUMNS = ["dataset", "method", "seed", "weighting"]
 METRICS = {  # CSV column -> the example's metric name
     "recall_at_1": "recall_at_1",
     "recall_at_2": "recall_at_2",
@@ -444,7 +449,8 @@ _EXAMPLE = None
 
 
 def run_one(row: Row, dataset: str, seed: int, extra: Sequence[str]) -> dict:
-    """Trains and evaluates one row and seed with the example; returns its CSV record."""
+    """Trains and evaluates one row and seed with the example; returns its CSV record,
+    with the records of its head weightings under "heads" (shared-head rows)."""
     global _EXAMPLE
     if _EXAMPLE is None:
         _EXAMPLE = load_example()
@@ -468,9 +474,18 @@ def run_one(row: Row, dataset: str, seed: int, extra: Sequence[str]) -> dict:
         "seed": seed,
         "train_seconds": f"{seconds:.1f}",
     }
-    for column, name in METRICS.items():
-        record[column] = f"{100 * last[name]:.3f}"
+    record.update(percent(last))
+    record["heads"] = [
+        {"dataset": dataset, "method": row.method, "seed": seed, "weighting": name}
+        | percent(scores)
+        for name, scores in results.get("heads", {}).items()
+    ]
     return record
+
+
+def percent(metrics: Dict[str, float]) -> Dict[str, str]:
+    """The example's metrics as CSV columns, in %."""
+    return {column: f"{100 * metrics[name]:.3f}" for column, name in METRICS.items()}
 
 
 def append_records(
@@ -650,6 +665,10 @@ def main(argv: Sequence[str] = None) -> int:
                 print(f"[{i}/{len(todo)}] FAILED {failed[-1]}", flush=True)
                 traceback.print_exception(e)
                 continue
+            heads = record.pop("heads", [])
+            if heads:
+                heads_path = results_dir / f"{name}-heads.csv"
+                append_records(heads_path, heads, HEAD_COLUMNS + list(METRICS))
             append_records(csv_path, [record])
             done[(record["method"], int(record["seed"]))] = record
             print(

@@ -233,6 +233,39 @@ def test_run_one_records_the_examples_last_metrics_in_percent(bench, monkeypatch
     assert "--no-plots" in calls["args"].argv
 
 
+def test_head_weightings_of_shared_head_runs_go_to_their_own_csv(
+    bench, tmp_path, monkeypatch
+):
+    """A shared-head run's other weightings (results.json "heads") are kept, one CSV
+    row per weighting, in %; the main CSV keeps its columns."""
+    heads = {
+        "class": {"recall_at_1": 0.5, "recall_at_2": 0.6, "recall_at_4": 0.7,
+                  "recall_at_8": 0.8, "mean_average_precision_at_r": 0.25,
+                  "r_precision": 0.3, "NMI": 0.9},
+        "class_0.5_shared_1": {"recall_at_1": 0.4, "recall_at_2": 0.5,
+                               "recall_at_4": 0.6, "recall_at_8": 0.7,
+                               "mean_average_precision_at_r": 0.125,
+                               "r_precision": 0.2, "NMI": 0.8},
+    }  # fmt: skip
+    last = heads["class"] | {"mean_average_precision_at_r": 0.2}
+    fake = SimpleNamespace(
+        parse_args=lambda argv: SimpleNamespace(argv=argv, epochs=5),
+        run=lambda args: {"last": last, "heads": heads},
+    )
+    monkeypatch.setattr(bench, "_EXAMPLE", fake)
+    argv = ["--results-dir", str(tmp_path), "--methods", "margin+shared", "--seeds",
+            "3", "--jobs", "1"]  # fmt: skip
+    assert bench.main(argv) == 0
+    (run,) = read_csv(tmp_path / "glyphs.csv")
+    assert run["map_at_r"] == "20.000" and "weighting" not in run
+    rows = read_csv(tmp_path / "glyphs-heads.csv")
+    assert [(r["method"], r["seed"], r["weighting"], r["map_at_r"]) for r in rows] == [
+        ("margin+shared", "3", "class", "25.000"),
+        ("margin+shared", "3", "class_0.5_shared_1", "12.500"),
+    ]
+    assert rows[1]["nmi"] == "80.000"
+
+
 def test_summary_covers_the_rows_of_earlier_invocations(bench, tmp_path, monkeypatch):
     monkeypatch.setattr(bench, "run_one", fake_run_one)
     argv = ["--results-dir", str(tmp_path), "--seeds", "1", "2", "--jobs", "1"]
