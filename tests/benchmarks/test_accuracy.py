@@ -6,6 +6,7 @@ import statistics
 from types import SimpleNamespace
 
 import pytest
+from matplotlib.axes import Axes
 
 from . import load_benchmark
 
@@ -78,21 +79,34 @@ def test_runs_are_resumed_only_under_their_protocol(bench, tmp_path, monkeypatch
     assert len(read_csv(tmp_path / "glyphs.csv")) == 1
 
 
-def test_paired_difference_by_hand(bench):
-    base, ps = [60.0, 62.0, 61.0], [63.0, 62.5, 64.0]
+def test_summary_cells_by_hand(bench):
+    """The summary line of a counterpart, cell by cell: each column's own mean ± sample
+    std (two seeds), and the signed paired Δ MAP@R written out by hand, with the runs
+    in completion order (as the CSV holds them), not seed order."""
+    columns = list(bench.METRICS) + ["train_seconds"]
+    map_at_r = {("proxy_anchor", 0): 60.0, ("proxy_anchor", 1): 64.0,
+                ("proxy_anchor+ps", 0): 58.0, ("proxy_anchor+ps", 1): 63.0}  # fmt: skip
     records = {}
-    for seed, (b, p) in enumerate(zip(base, ps)):
-        records[("proxy_anchor", seed)] = {"seed": seed, "map_at_r": b}
-        records[("proxy_anchor+ps", seed)] = {"seed": seed, "map_at_r": p}
-    for rec in records.values():
-        rec.update({c: 1.0 for c in bench.METRICS if c != "map_at_r"})
-        rec["train_seconds"] = 1.0
+    for method, seed in [("proxy_anchor+ps", 1), ("proxy_anchor", 0),
+                         ("proxy_anchor+ps", 0), ("proxy_anchor", 1)]:  # fmt: skip
+        record = {"seed": seed, "map_at_r": map_at_r[(method, seed)]}
+        for i, column in enumerate(columns):
+            record.setdefault(column, 10.0 * (i + 1) + 3 * seed)  # its own values
+        records[(method, seed)] = record
     rows = [r for r in bench.ROWS if r.method in ("proxy_anchor", "proxy_anchor+ps")]
-    table = bench.summarise(records, rows, "t")
-    diffs = [p - b for b, p in zip(base, ps)]
-    expected = f"{statistics.mean(diffs):.2f} ± {statistics.stdev(diffs):.2f}"
-    line = next(x for x in table.splitlines() if x.startswith("| proxy_anchor+ps |"))
-    assert f"{expected} (vs proxy_anchor)" in line
+    lines = [
+        x for x in bench.summarise(records, rows, "t").splitlines() if x[:1] == "|"
+    ]
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    assert all(x.count("|") == lines[0].count("|") for x in lines)
+    line = next(x for x in lines if x.startswith("| proxy_anchor+ps |"))
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    # per seed -2.0 and -1.0: mean -1.50, sample std sqrt(0.5) = 0.71
+    assert cells[-1] == "-1.50 ± 0.71 (vs proxy_anchor)"
+    for column in columns:
+        values = [records[("proxy_anchor+ps", s)][column] for s in (0, 1)]
+        mean, std = statistics.mean(values), statistics.stdev(values)
+        assert cells[header.index(column)] == f"{mean:.2f} ± {std:.2f}", column
 
 
 def test_summary_without_the_baseline(bench):
@@ -264,6 +278,62 @@ def test_head_weightings_of_shared_head_runs_go_to_their_own_csv(
         ("margin+shared", "3", "class_0.5_shared_1", "12.500"),
     ]
     assert rows[1]["nmi"] == "80.000"
+
+
+def test_row_sets_their_protocols_and_files(bench, tmp_path, monkeypatch, capsys):
+    """--supplementary runs the supplementary rows; --sweep the sweep rows, under the
+    sweep's protocol, into its own files; an unknown row or both flags is a usage
+    error."""
+    monkeypatch.setattr(bench, "run_one", fake_run_one)
+    monkeypatch.setattr(bench, "plot", lambda *args: None)
+    argv = ["--seeds", "1", "--jobs", "1", "--results-dir"]
+    assert bench.main(["--supplementary", *argv, str(tmp_path / "s")]) == 0
+    methods = {r["method"] for r in read_csv(tmp_path / "s" / "glyphs.csv")}
+    assert methods == {r.method for r in bench.SUPPLEMENTARY_ROWS}
+    assert bench.main(["--sweep", *argv, str(tmp_path / "w")]) == 0
+    sweep = tmp_path / "w" / "glyphs-proxy-anchor-sweep"
+    methods = {r["method"] for r in read_csv(sweep.with_suffix(".csv"))}
+    assert methods == {r.method for r in bench.SWEEP_ROWS}
+    assert sweep.with_suffix(".protocol").read_text() == (
+        " ".join(bench.SWEEP_PROTOCOL) + "\n"
+    )
+    for row in bench.SWEEP_ROWS:
+        assert f"| {row.method} | 1 |" in sweep.with_suffix(".md").read_text()
+    for bad in (["--methods", "no_such_row"], ["--sweep", "--supplementary"]):
+        with pytest.raises(SystemExit) as exit_info:
+            bench.main([*bad, *argv, str(tmp_path / "x")])
+        assert exit_info.value.code == 2
+    assert not (tmp_path / "x" / "glyphs.csv").exists()
+
+
+def test_bars_are_means_with_sample_std(bench, tmp_path, monkeypatch):
+    """The chart's bars: per-method means of MAP@R and R@1 in table order, sample-std
+    error bars, baselines gray and counterparts blue."""
+    drawn = []
+    barh = Axes.barh
+
+    def spy(self, y, width, *args, **kwargs):
+        drawn.append((list(y), list(width), list(kwargs["xerr"]), kwargs["color"]))
+        return barh(self, y, width, *args, **kwargs)
+
+    monkeypatch.setattr(Axes, "barh", spy)
+    values = {("proxy_anchor", 0): (60.0, 70.0), ("proxy_anchor", 1): (62.0, 71.0),
+              ("proxy_anchor+ps", 0): (63.0, 72.0),
+              ("proxy_anchor+ps", 1): (66.0, 75.0)}  # fmt: skip
+    records = {
+        key: {"seed": key[1], "map_at_r": m, "recall_at_1": r}
+        for key, (m, r) in values.items()
+    }
+    rows = [r for r in bench.ROWS if r.method in ("proxy_anchor", "proxy_anchor+ps")]
+    bench.plot(records, rows, tmp_path / "p.png")
+    assert len(drawn) == 2
+    for metric, (methods, means, errors, colors) in enumerate(drawn):
+        assert methods == ["proxy_anchor", "proxy_anchor+ps"]
+        for method, mean, error in zip(methods, means, errors):
+            seeds = [values[(method, s)][metric] for s in (0, 1)]
+            assert mean == pytest.approx(statistics.mean(seeds))
+            assert error == pytest.approx(statistics.stdev(seeds))
+        assert list(colors) == ["tab:gray", "tab:blue"]
 
 
 def test_summary_covers_the_rows_of_earlier_invocations(bench, tmp_path, monkeypatch):
