@@ -53,6 +53,17 @@ class TestDistributedMPerClassSampler(unittest.TestCase):
             # ... and no class split over two ranks
             self.assertEqual(sum(len(c) for c in rank_classes), len(counts))
 
+    def test_labels_in_dataset_order(self):
+        """Labels not sorted by class (a shuffled dataset): the ranks' blocks still form
+        one class-balanced batch, indexed into the dataset as it is."""
+        labels = np.random.RandomState(0).permutation(make_labels())
+        per_rank = [batches(s) for s in rank_samplers(labels)]
+        for step in zip(*per_rank):
+            counts = Counter(labels[np.concatenate(step)])
+            self.assertEqual(set(counts.values()), {M})
+            rank_classes = [set(labels[block]) for block in step]
+            self.assertEqual(sum(len(c) for c in rank_classes), len(counts))
+
     def test_same_draws_on_every_rank_object_new_ones_per_epoch(self):
         labels = make_labels()
         first = [list(s) for s in rank_samplers(labels)]
@@ -62,6 +73,10 @@ class TestDistributedMPerClassSampler(unittest.TestCase):
         for s in moved:
             s.set_epoch(1)
         self.assertNotEqual(first, [list(s) for s in moved])
+        # seeded by the pair (seed, epoch), not their sum: (1, 0) differs from (0, 1)
+        self.assertNotEqual(
+            [list(s) for s in moved], [list(s) for s in rank_samplers(labels, seed=1)]
+        )
 
     def test_draws_depend_on_seed_and_epoch_only(self):
         """An epoch's draws do not depend on earlier iterations (a resumed run draws

@@ -161,6 +161,24 @@ class TestAutocastTrainer(unittest.TestCase):
         for got, expected in zip(scaled, plain):
             torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
 
+    def test_grad_scaler_steps_an_optimizer_whose_parameters_partly_lack_gradients(
+        self,
+    ):
+        """An optimizer that also holds parameters outside the forward pass (an unused
+        layer in the trunk's optimizer) is stepped, as by PML's plain step: the trunk
+        moves and ends where the run without a scaler leaves it."""
+        after = []
+        for trainer, trunk, _, _ in with_and_without_scaler(trainers.MetricLossOnly):
+            unused = torch.nn.Linear(16, 4).to(TEST_DEVICE)
+            trainer.optimizers["trunk_optimizer"].add_param_group(
+                {"params": list(unused.parameters())}
+            )
+            before = trunk.weight.detach().clone()
+            trainer.train(num_epochs=1)
+            self.assertFalse(torch.equal(before, trunk.weight.detach()))
+            after.append(trunk.weight.detach().clone())
+        torch.testing.assert_close(after[0], after[1], rtol=1e-5, atol=1e-6)
+
     def test_grad_scaler_respects_freeze_these(self):
         """As in PML's step_optimizers, the optimizer of a frozen model is not stepped
         (here trunk_optimizer, which also holds the embedder's weights, so those get

@@ -3,6 +3,7 @@ import math
 import unittest
 
 import torch
+import torch.nn.functional as F
 from pytorch_metric_learning.testers import GlobalEmbeddingSpaceTester
 from pytorch_metric_learning.utils import common_functions as c_f
 from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
@@ -157,6 +158,31 @@ class TestEvaluateHeads(unittest.TestCase):
             # the data make the weightings differ, so the comparison above has teeth
             key = "precision_at_1_level0"
             self.assertNotEqual(class_only[split][key], shared_only[split][key])
+
+    def test_default_weightings_hand_the_tester_the_reference_embeddings(self):
+        """ "concat" is l2norm(e) and "class" l2norm(e_class) alone (weight exactly 0 for
+        the shared part): the embedders the tester gets, compared on one batch."""
+        tester = make_tester()
+        given = []
+        test = tester.test
+
+        def spy(dataset_dict, epoch, trunk, embedder, *args, **kwargs):
+            given.append(embedder)
+            return test(dataset_dict, epoch, trunk, embedder, *args, **kwargs)
+
+        tester.test = spy
+        evaluate_heads(tester, self.dataset_dict, 1, self.trunk, self.embedder)
+        features = self.trunk(self.dataset_dict["val"].tensors[0].to(TEST_DEVICE))
+        e = self.embedder(features)
+        references = {11: F.normalize(e, dim=1), 6: F.normalize(e[:, :6], dim=1)}
+        self.assertEqual(len(given), 2)
+        with torch.no_grad():
+            outputs = {out.shape[1]: out for out in (g(features) for g in given)}
+        self.assertEqual(set(outputs), set(references))
+        for width, reference in references.items():
+            torch.testing.assert_close(
+                outputs[width], reference.detach(), atol=1e-6, rtol=0
+            )
 
     def test_embeddings_equal_references(self):
         tester = make_tester()
