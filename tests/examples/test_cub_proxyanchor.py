@@ -19,6 +19,7 @@ import pytest
 import torch
 from PIL import Image
 from pytorch_metric_learning import losses, miners, samplers
+from pytorch_metric_learning.trainers import BaseTrainer
 from pytorch_metric_learning.utils.logging_presets import HookContainer
 
 from ..distributed_utils import free_port
@@ -388,25 +389,29 @@ def test_torchrun_two_cpu_processes_rank_zero_writes(tmp_path, monkeypatch):
     writes, and --resume continues on both ranks, with the shuffle of the epoch it
     resumes at (the DistributedSampler's epoch; it repeated epoch 1's)."""
     out = tmp_path / "run"
-    flags = glyphs_args(tmp_path / "glyphs", out, "--no-plots")
+    # whole passes over the data: each epoch iterates the sampler anew
+    flags = without_iterations_per_epoch(
+        glyphs_args(tmp_path / "glyphs", out, "--no-plots")
+    )
     log = tmp_path / "sampler.jsonl"
     monkeypatch.setenv("SAMPLER_LOG", str(log))
-    for extra in ([], ["--resume", "--epochs", "2"]):
+    for extra in (["--epochs", "2"], ["--resume", "--epochs", "3"]):
         proc = run_torchrun(SAMPLER_EPOCH_LOGGER, *flags, *extra)
         assert proc.returncode == 0, proc.stderr[-3000:]
-        if not extra:
+        if "--resume" not in extra:
             # one record writer, one evaluation per epoch, one set of checkpoints
             assert len(os.listdir(out / "tensorboard")) == 1
-            assert accuracy_epochs(out) == [1]
+            assert accuracy_epochs(out) == [1, 2]
             assert (
-                proc.stdout.count("epoch 1/1:") + proc.stderr.count("epoch 1/1:") == 1
+                proc.stdout.count("epoch 2/2:") + proc.stderr.count("epoch 2/2:") == 1
             )
-    assert accuracy_epochs(out) == [1, 2]
-    assert "trunk_2.pth" in os.listdir(out / "models")
+    assert accuracy_epochs(out) == [1, 2, 3]
+    assert "trunk_3.pth" in os.listdir(out / "models")
     assert json.loads((out / "config.json").read_text())["world_size"] == 2
+    # a new shuffle every epoch, also in the epoch a resumed run starts at
     lines = [json.loads(line) for line in log.read_text().splitlines()]
     for rank in (0, 1):
-        assert [x["epoch"] for x in lines if x["rank"] == rank] == [0, 1]
+        assert [x["epoch"] for x in lines if x["rank"] == rank] == [0, 1, 2]
 
 
 @pytest.mark.parametrize(
@@ -897,6 +902,12 @@ def test_resume_with_another_seed_of_a_subsampled_run_is_one_message(ex, cub_roo
         ),
         (["--no-ps", "--ps-detach-parent-proxies"], "--ps-detach-parent-proxies needs"),
         (["--no-plots", "--plot-classes", "3"], "--plot-classes needs figures"),
+        (["--shared-size", "8"], "--shared-size needs --shared-head"),
+        (["--shared-cutoff", "0.2"], "--shared-cutoff needs --shared-head"),
+        (
+            ["--loss", "arcface", "--proxy-anchor-alpha", "16"],
+            "--proxy-anchor-alpha needs --loss proxy_anchor",
+        ),
         # given on the command line at their default values: refused all the same
         (["--no-ps", "--ps-alpha", "0.4"], "--ps-alpha needs Proxy Synthesis"),
         (["--m-per-class", "4"], "--m-per-class needs --sampler m_per_class"),
@@ -1152,3 +1163,278 @@ def test_check_checkpoint_names_every_missing_file(ex, tmp_path, victim):
     (tmp_path / victim).unlink()
     with pytest.raises(ex.SetupError, match=f"epoch 1 .* {victim} missing"):
         ex.check_checkpoint(hooks, trainer, str(tmp_path))
+
+
+# ------------------------------------------- behaviour of the flags, one by one
+
+
+def small_cub(root, out, *extra):
+    return cub_args(root, out, "--trunk", "small_conv", "--no-pretrained", "--no-plots", *extra)  # fmt: skip
+
+
+def same_state(a, b):
+    return all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_subsample_draws_distinct_images(ex):
+    base = torch.utils.data.TensorDataset(torch.arange(20))
+    base.labels = np.arange(20)
+    for seed in range(30):
+        sub = ex.subsample(base, 10, seed)
+        assert len(set(sub.indices)) == 10
+        assert sub.indices == sorted(sub.indices)
+        np.testing.assert_array_equal(sub.labels, sub.indices)  # labels follow
+
+
+def test_max_images_limit_their_own_split(ex, cub_root, tmp_path):
+    def sizes(*flags):
+        train, test = ex.build_datasets(ex.parse_args(small_cub(cub_root, tmp_path, *flags)))  # fmt: skip
+        return len(train), len(test)
+
+    assert sizes("--max-test-images", "5") == (24, 5)
+    assert sizes("--max-train-images", "10") == (10, 24)
+
+
+def test_global_batch_counts_every_process(ex, cub_root, tmp_path):
+    """4 classes x m 2 = 8 images per class-balanced draw: enough for one process's
+    batch of 6, not for 2 processes x 6."""
+    flags = small_cub(cub_root, tmp_path, "--sampler", "m_per_class", "--m-per-class", "2", "--batch-size", "6")  # fmt: skip
+    args = ex.parse_args(flags)
+    ex.build_datasets(args)
+    args.world_size = 2
+    with pytest.raises(ex.SetupError, match="x 2 processes"):
+        ex.build_datasets(args)
+
+
+def test_class_count_is_the_largest_label_plus_one(ex):
+    """Proxies are indexed by label: a subsample that misses a middle class still
+    needs its proxy."""
+    assert ex.count_classes(SimpleNamespace(labels=[0, 0, 3, 3])) == 4
+    assert ex.count_classes(SimpleNamespace(labels=np.array([2, 0]))) == 3
+
+
+def test_transforms_follow_the_flags(ex):
+    from torchvision import transforms
+
+    def of_type(pipeline, kind):
+        return [t for t in pipeline.transforms if isinstance(t, kind)]
+
+    train, test = ex.build_transforms(ex.parse_args(["--device", "cpu"]))
+    assert [t.scale for t in of_type(train, transforms.RandomResizedCrop)] == [(0.08, 1.0)]  # fmt: skip
+    assert of_type(train, transforms.RandomHorizontalFlip)
+    (resize,) = of_type(test, transforms.Resize)
+    assert resize.size in (256, [256])  # 224 x the test resize ratio 256 / 224
+    flags = ["--device", "cpu", "--no-hflip", "--crop-scale", "0.5"]
+    train, _ = ex.build_transforms(ex.parse_args(flags))
+    assert not of_type(train, transforms.RandomHorizontalFlip)
+    assert [t.scale for t in of_type(train, transforms.RandomResizedCrop)] == [(0.5, 1.0)]  # fmt: skip
+    # glyphs on the small conv net: one grey channel; on a ResNet: RGB
+    image = Image.new("L", (40, 40), 128)
+    glyphs = ex.parse_args(["--dataset", "glyphs", "--device", "cpu"])
+    train, test = ex.build_transforms(glyphs)
+    assert train(image).shape == test(image).shape == (1, 32, 32)
+    assert ex.build_trunk(glyphs)[0].features[0].in_channels == 1
+    rgb = ex.parse_args(
+        ["--dataset", "glyphs", "--device", "cpu", "--trunk", "resnet18"]
+    )
+    assert ex.build_transforms(rgb)[1](image).shape == (3, 32, 32)
+
+
+def test_pooling_modes_by_hand(ex):
+    x = torch.randn(2, 3, 4, 5)
+    for mode, expected in [("avg", x.mean((2, 3))), ("max", x.amax((2, 3))),
+                           ("avg+max", x.mean((2, 3)) + x.amax((2, 3)))]:  # fmt: skip
+        torch.testing.assert_close(ex.GlobalPool(mode)(x), expected)
+    # the ResNet trunk pools layer4's features as --pooling says
+    flags = ["--device", "cpu", "--trunk", "resnet18", "--no-pretrained", "--pooling", "max"]  # fmt: skip
+    torch.manual_seed(0)
+    net, _ = ex.build_trunk(ex.parse_args(flags))
+    net.eval()
+    image = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        f = net.maxpool(net.relu(net.bn1(net.conv1(image))))
+        f = net.layer4(net.layer3(net.layer2(net.layer1(f))))
+        torch.testing.assert_close(net(image), f.amax((2, 3)))
+
+
+@pytest.fixture
+def trunk_states(ex, monkeypatch):
+    """The trunk's state_dict at the start of training and after each epoch (epoch
+    numbers), for every trainer the example builds."""
+    states = []
+    build_trainer = ex.build_trainer
+
+    def recording(*args, **kwargs):
+        trainer = build_trainer(*args, **kwargs)
+        hook, train = trainer.end_of_epoch_hook, trainer.train
+
+        def snapshot(tag):
+            state = trainer.models["trunk"].state_dict()
+            states.append((tag, {k: v.detach().clone() for k, v in state.items()}))
+
+        def end_of_epoch(t):
+            snapshot(t.epoch)
+            return hook(t)
+
+        def start(*a, **k):
+            snapshot("start")
+            return train(*a, **k)
+
+        trainer.end_of_epoch_hook, trainer.train = end_of_epoch, start
+        return trainer
+
+    monkeypatch.setattr(ex, "build_trainer", recording)
+    return states
+
+
+def test_freeze_bn_keeps_the_trunks_batchnorm_statistics(ex, cub_root, tmp_path, trunk_states):  # fmt: skip
+    for flag, frozen in (("--freeze-bn", True), ("--no-freeze-bn", False)):
+        trunk_states.clear()
+        assert ex.main(small_cub(cub_root, tmp_path / flag, flag)) == 0
+        (_, start), (_, after) = trunk_states
+        means = [k for k in start if k.endswith("running_mean")]
+        assert means
+        assert all(torch.equal(start[k], after[k]) for k in means) == frozen, flag
+
+
+def test_warmup_freezes_the_trunk_for_its_epochs_also_after_resume(
+    ex, cub_root, tmp_path, trunk_states, monkeypatch
+):
+    """--warmup-epochs 2 of 3: the trunk is frozen in epochs 1 and 2, also when a run
+    killed in epoch 2 resumes there, and trains in epoch 3."""
+    flags = small_cub(cub_root, tmp_path / "run", "--epochs", "3", "--warmup-epochs", "2")  # fmt: skip
+    step = BaseTrainer.forward_and_backward
+    calls = []
+
+    def killed_in_epoch_2(trainer):  # 2 iterations per epoch
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        step(trainer)
+
+    monkeypatch.setattr(BaseTrainer, "forward_and_backward", killed_in_epoch_2)
+    assert ex.main(flags) == 130
+    (_, start), (_, epoch_1) = trunk_states
+    assert same_state(start, epoch_1)
+    monkeypatch.setattr(BaseTrainer, "forward_and_backward", step)
+    trunk_states.clear()
+    assert ex.main(flags + ["--resume"]) == 0
+    assert [tag for tag, _ in trunk_states] == ["start", 2, 3]
+    (_, resumed), (_, epoch_2), (_, epoch_3) = trunk_states
+    assert same_state(resumed, epoch_2)
+    assert not same_state(epoch_2, epoch_3)
+
+
+def test_distributed_sampler_gets_each_process_its_share(ex, monkeypatch):
+    """40 images, 2 processes: 20 per process and epoch (one pass over the data)."""
+    seen = {}
+
+    def spy(labels, **kwargs):
+        seen.update(kwargs)
+
+    monkeypatch.setattr(ex, "DistributedMPerClassSampler", spy)
+    flags = ["--device", "cpu", "--sampler", "m_per_class", "--batch-size", "4", "--m-per-class", "2"]  # fmt: skip
+    args = ex.parse_args(flags)
+    args.world_size = 2
+    ex.build_sampler(args, np.repeat(np.arange(10), 4))
+    assert (seen["length_before_new_iter"], seen["m"], seen["batch_size"]) == (20, 2, 4)
+
+
+def test_head_weightings_are_what_their_names_say(ex):
+    """ "class" is the class head alone, "class_A_shared_B" the weights (A, B)."""
+    for name, weights in ex.HEAD_WEIGHTINGS.items():
+        if name == "class":
+            assert weights == (1.0, 0.0)
+        else:
+            _, a, _, b = name.split("_")
+            assert weights == (float(a), float(b)), name
+
+
+def test_test_interval_and_patience(ex, cub_root, tmp_path):
+    out = tmp_path / "interval"
+    assert ex.main(small_cub(cub_root, out, "--epochs", "2", "--test-interval", "2")) == 0  # fmt: skip
+    assert accuracy_epochs(out) == [2]
+    # lr 1e-30: nothing moves, every epoch scores as the first (the best), so
+    # --patience 1 stops after epoch 3 (3 - 1 > 1)
+    out = tmp_path / "patience"
+    flags = small_cub(cub_root, out, "--epochs", "5", "--patience", "1", "--lr", "1e-30")  # fmt: skip
+    assert ex.main(flags) == 0
+    assert accuracy_epochs(out) == [1, 2, 3]
+    assert json.loads((out / "results.json").read_text())["epochs"] == 3
+
+
+def test_overwrite_leaves_nothing_of_the_earlier_run(ex, cub_root, tmp_path):
+    """No checkpoint of a later epoch (a --resume would load it), and no results of
+    the earlier run when the new one fails."""
+    out = tmp_path / "run"
+    assert ex.main(small_cub(cub_root, out, "--epochs", "2")) == 0
+    assert ex.main(small_cub(cub_root, out, "--overwrite")) == 0
+    assert not [f for f in os.listdir(out / "models") if "_2." in f]
+    victim = next((cub_root / "CUB_200_2011" / "images").glob("103.*/*.jpg"))
+    victim.write_bytes(b"not a JPEG")  # the new run fails while testing
+    assert ex.main(small_cub(cub_root, out, "--overwrite")) == 1
+    assert not (out / "results.json").exists()
+
+
+def test_resume_refuses_the_margin_and_decay_options_restored(ex, tmp_path):
+    base = ["--device", "cpu", "--output-dir", str(tmp_path), "--shared-head",
+            "--decorrelation-rho", "1", "--lr-decay-step", "5"]  # fmt: skip
+    (tmp_path / "config.json").write_text(json.dumps(vars(ex.parse_args(base))))
+    for change in (["--beta-lr", "0.1"], ["--lr-decay-gamma", "0.1"],
+                   ["--decorrelation-lr", "0.1"]):  # fmt: skip
+        args = ex.parse_args(base + ["--resume"] + change)
+        with pytest.raises(ex.SetupError, match=f"other option: {change[0]} "):
+            ex._check_resumable(args)
+
+
+def test_seed_decides_the_initial_weights(ex, cub_root, tmp_path):
+    trunks = {}
+    for name, seed in (("a", "1"), ("b", "1"), ("c", "2")):
+        assert ex.main(small_cub(cub_root, tmp_path / name, "--seed", seed)) == 0
+        trunks[name] = torch.load(tmp_path / name / "models" / "trunk_1.pth")
+    assert same_state(trunks["a"], trunks["b"])
+    assert not same_state(trunks["a"], trunks["c"])
+
+
+def test_amp_on_cpu_trains_under_bfloat16_autocast(ex, cub_root, tmp_path, monkeypatch):  # fmt: skip
+    built, entered = [], []
+    build_trainer = ex.build_trainer
+    autocast = torch.autocast
+
+    class RecordingAutocast(autocast):
+        def __init__(self, device_type, dtype=None, *args, **kwargs):
+            entered.append((device_type, dtype))
+            super().__init__(device_type, dtype, *args, **kwargs)
+
+    monkeypatch.setattr(ex, "build_trainer", lambda *a, **k: built.append(build_trainer(*a, **k)) or built[-1])  # fmt: skip
+    monkeypatch.setattr(torch, "autocast", RecordingAutocast)
+    assert ex.main(small_cub(cub_root, tmp_path / "run", "--amp")) == 0
+    (trainer,) = built
+    assert (trainer.amp_dtype, trainer.grad_scaler) == (torch.bfloat16, None)
+    assert ("cpu", torch.bfloat16) in entered
+
+
+def test_loss_kwargs_and_the_decorrelation_weight(ex):
+    args = ex.parse_args(["--device", "cpu", "--loss-kwargs", '{"margin": 0.3}'])
+    assert ex.build_loss(args, 5).loss_funcs["metric_loss"].loss.margin == 0.3
+    args = ex.parse_args(["--device", "cpu", "--shared-head", "--shared-size", "8",
+                          "--decorrelation-rho", "2", "--embedding-size", "16"])  # fmt: skip
+    assert ex.build_loss(args, 5).loss_weights == {
+        "metric_loss_0": 1.0, "metric_loss_1": 0.3, "decorrelation_loss": 1.0
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["--shared-head", "--beta-lr", "0.001"], ["--crop-scale", "1"],
+     ["--batch-size", "2"], ["--image-size", "16"]],
+)  # fmt: skip
+def test_boundary_values_are_accepted(ex, argv):
+    ex.parse_args(["--device", "cpu", *argv])
+
+
+def test_results_name_the_loss(ex, cub_root, tmp_path):
+    for extra, loss in (([], "proxy_anchor + proxy synthesis"), (["--no-ps"], "proxy_anchor")):  # fmt: skip
+        out = tmp_path / loss.replace(" ", "_")
+        assert ex.main(small_cub(cub_root, out, *extra)) == 0
+        assert json.loads((out / "results.json").read_text())["loss"] == loss
