@@ -774,3 +774,239 @@ class TestFullDefaultDataset(unittest.TestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+class TestAugmentationByHand(unittest.TestCase):
+    """``_augment`` with noise off (or constant) against numpy and PIL: each parameter
+    at the end of its range does what _AUGMENTATION says."""
+
+    SIZE = 64
+    IDENTITY = [0.5, 0.5, 0.5, 0.5, 0.99]  # angle 0, scale 1, no shift, no dilation
+
+    def setUp(self):
+        self.image = np.zeros((self.SIZE, self.SIZE), np.uint8)
+        self.image[20:44, 28:36] = 255  # a vertical bar ...
+        self.image[20:26, 36:46] = 180  # ... with a flag, not symmetric
+
+    def augment(self, u, noise=None):
+        if noise is None:
+            noise = np.zeros((1, self.SIZE, self.SIZE), np.float32)
+        return glyphs._augment(self.image[None], np.array([u], float), noise)[0]
+
+    def test_identity_parameters_return_the_image(self):
+        np.testing.assert_array_equal(self.augment(self.IDENTITY), self.image)
+
+    def test_shift_is_three_pixels_at_the_ends(self):
+        for u_x, dx in ((0.0, -3), (1.0, 3)):  # shift_frac 3 / 64 of 64 pixels
+            expected = np.zeros_like(self.image)
+            if dx > 0:
+                expected[:, dx:] = self.image[:, :-dx]
+            else:
+                expected[:, :dx] = self.image[:, -dx:]
+            np.testing.assert_array_equal(
+                self.augment([0.5, 0.5, u_x, 0.5, 0.99]), expected
+            )
+
+    def test_rotation_is_ten_degrees_either_way(self):
+        """u_angle 0 and 1 are rotations by +-10 degrees (PIL's bilinear rotation, up
+        to interpolation: a mean error of 0.01 grey levels against about 4 for a
+        shear or a one-sided range)."""
+        rotated = {
+            a: np.asarray(
+                Image.fromarray(self.image).rotate(a, resample=Image.BILINEAR)
+            ).astype(int)
+            for a in (10, -10)
+        }
+        out = [self.augment([u, 0.5, 0.5, 0.5, 0.99]).astype(int) for u in (0.0, 1.0)]
+        errors = [
+            np.abs(out[0] - rotated[a0]).mean() + np.abs(out[1] - rotated[a1]).mean()
+            for a0, a1 in ((10, -10), (-10, 10))
+        ]
+        self.assertLess(min(errors) / 2, 1.0)
+
+    def test_scale_ends_are_0_85_and_1_15(self):
+        for u_scale, factor in ((0.0, 0.85), (1.0, 1.15)):
+            out = self.augment([0.5, u_scale, 0.5, 0.5, 0.99])
+            rows = np.flatnonzero((out > 127).any(axis=1))
+            self.assertLessEqual(abs(rows.max() - rows.min() + 1 - 24 * factor), 1.0)
+
+    def test_noise_sigma_and_rounding(self):
+        # a standard normal draw of 1 everywhere adds rint(0.05 * 255) = rint(12.75)
+        ones = np.ones((1, self.SIZE, self.SIZE), np.float32)
+        blank = np.zeros((1, self.SIZE, self.SIZE), np.uint8)
+        out = glyphs._augment(blank, np.array([self.IDENTITY]), ones)
+        self.assertTrue((out == 13).all())
+
+
+def ink(first, count=100):
+    """A 16 x 16 render whose pixels first, ..., first + count - 1 are lit."""
+    x = np.zeros(256, np.uint8)
+    x[first : first + count] = 255
+    return x.reshape(16, 16)
+
+
+class TestGlyphDistance(unittest.TestCase):
+    def test_by_hand(self):
+        """1 - 2 |P & Q| / (|P| + |Q|) over the lit pixels (Dice), 1 for blanks."""
+        a, blank = ink(0), np.zeros((16, 16), np.uint8)
+        for other, expected in (
+            (a, 0.0),
+            (ink(1), 1 - 2 * 99 / 200),
+            (ink(50), 0.5),
+            (ink(150), 1.0),
+        ):
+            self.assertAlmostEqual(float(glyphs.glyph_distance(a, other)), expected)
+        self.assertEqual(float(glyphs.glyph_distance(blank, blank)), 1.0)
+        self.assertEqual(glyphs.glyph_distance(np.stack([a, ink(150)]), a).shape, (2,))
+
+    def test_homoglyph_keep_edges(self):
+        def keep(clean, present, **kwargs):
+            return glyphs._homoglyph_keep(
+                np.array(clean, np.uint8), np.array(present), 0.015, **kwargs
+            ).tolist()
+
+        # two characters that no font draws both: no evidence, both kept
+        blank = np.zeros((16, 16), np.uint8)
+        self.assertEqual(
+            keep([[ink(0), blank], [blank, ink(0)]], [[True, False], [False, True]]),
+            [True, True],
+        )
+        # copies of earlier characters go, whatever the block size
+        rng = np.random.default_rng(0)
+        base = [ink(int(s)) for s in rng.integers(0, 150, 9)]
+        clean = [[b] for b in base] + [[ink(200)], [base[2]], [base[5]]]
+        present = [[True]] * len(clean)
+        expected = keep(clean, present)
+        self.assertEqual(expected[-2:], [False, False])
+        for block in (1, 2, 3, 5):
+            self.assertEqual(keep(clean, present, block=block), expected, block)
+
+
+class TestSelectionAndRendering(unittest.TestCase):
+    def setUp(self):
+        self._tmp = tempfile.TemporaryDirectory()
+        self.root = self._tmp.name
+
+    def tearDown(self):
+        self._tmp.cleanup()
+
+    def test_oversized_glyphs_keep_the_margin(self):
+        size = 32
+        margin = max(1, size // 16)
+        for name in ("DejaVuSans.ttf", "STIXGeneral.ttf"):
+            font = ImageFont.truetype(
+                str(matplotlib_font_dir() / name), 24,
+                layout_engine=ImageFont.Layout.BASIC,
+            )  # fmt: skip
+            for char in "‰█⟷":
+                render = glyphs._render_clean(font, char, size)
+                if render is None:
+                    continue
+                for edge in (render[:margin], render[-margin:],
+                             render[:, :margin], render[:, -margin:]):  # fmt: skip
+                    self.assertFalse(edge.any(), (name, char))
+
+    def test_max_classes_cuts_the_shuffled_classes(self):
+        train = small(self.root, "train").classes
+        everything = small(self.root)
+        capped = small(self.root, "train", max_classes=len(everything.classes))
+        self.assertEqual(capped.classes, train)
+        ten = small(self.root, max_classes=10)
+        self.assertNotEqual(sorted(ten.codepoints), sorted(everything.codepoints)[:10])
+
+    def test_a_glyph_shared_with_another_character_counts_as_coverage(self):
+        """A font that draws Cyrillic А with Latin A's glyph covers А."""
+        from fontTools.ttLib import TTFont
+
+        with tempfile.TemporaryDirectory() as extra:
+            font = TTFont(str(matplotlib_font_dir() / "DejaVuSans.ttf"))
+            for table in font["cmap"].tables:
+                if table.isUnicode() and 0x410 in table.cmap:
+                    table.cmap[0x410] = "A"
+            font.save(str(Path(extra) / "Shared.ttf"))
+            ds = Glyphs(self.root, font_files=["DejaVuSerif.ttf"],
+                        extra_font_dirs=[extra], min_fonts=2, characters="AАB",
+                        homoglyph_threshold=0.0)  # fmt: skip
+            self.assertIn("А", ds.classes)
+
+    def test_font_names_from_extra_dirs(self):
+        """A file with a default font's stem is named by its folder too; a suffix in
+        capitals is a font file."""
+        mpl = matplotlib_font_dir()
+        with tempfile.TemporaryDirectory() as extra:
+            shutil.copy(mpl / "DejaVuSerif.ttf", Path(extra) / "DejaVuSans.ttf")
+            shutil.copy(mpl / "DejaVuSans-Bold.ttf", Path(extra) / "Upper.TTF")
+            ds = Glyphs(self.root, font_files=["DejaVuSans.ttf", "STIXGeneral.ttf"],
+                        extra_font_dirs=[extra], min_fonts=3, characters="ABCD")  # fmt: skip
+            self.assertEqual(
+                sorted(ds.fonts),
+                sorted(["DejaVuSans", "STIXGeneral", f"{Path(extra).name}/DejaVuSans",
+                        "Upper"]),
+            )  # fmt: skip
+
+    def test_cache_key_covers_font_contents_and_augmentation(self):
+        with tempfile.TemporaryDirectory() as extra:
+            mpl = matplotlib_font_dir()
+            options = dict(font_files=["DejaVuSerif.ttf", "STIXGeneral.ttf"],
+                           extra_font_dirs=[extra], min_fonts=3, characters="ABCD")  # fmt: skip
+            shutil.copy(mpl / "DejaVuSans.ttf", Path(extra) / "MyFont.ttf")
+            Glyphs(self.root, **options)
+            Glyphs(self.root, download=False, **options)  # the cache is there
+            # the same file name with other contents
+            shutil.copy(mpl / "DejaVuSans-Bold.ttf", Path(extra) / "MyFont.ttf")
+            with self.assertRaises(FileNotFoundError):
+                Glyphs(self.root, download=False, **options)
+        small(self.root, "train", max_classes=4)
+        with mock.patch.dict(glyphs._AUGMENTATION, {"rotation_deg": 20.0}):
+            with self.assertRaises(FileNotFoundError):
+                small(self.root, "train", max_classes=4, download=False)
+
+    def test_failed_rename_propagates_and_leaves_nothing(self):
+        denied = PermissionError(13, "denied")
+        with mock.patch.object(glyphs.os, "rename", side_effect=denied):
+            with self.assertRaises(PermissionError):
+                small(self.root, "train", max_classes=4)
+        self.assertEqual(list(Path(self.root).iterdir()), [])
+
+    def test_more_bad_arguments(self):
+        mpl = matplotlib_font_dir()
+        for kwargs, needle in (
+            ({"font_files": [str(mpl / "DejaVuSans.ttf"), "STIXGeneral.ttf"]}, "DejaVuSans"),
+            ({"font_files": "DejaVuSans.ttf"}, "sequence"),
+            ({"image_size": 7}, "image_size"),
+        ):  # fmt: skip
+            with self.subTest(kwargs=kwargs):
+                with self.assertRaises(ValueError) as ctx:
+                    small(self.root, **kwargs)
+                self.assertIn(needle, str(ctx.exception))
+
+    def test_more_inconsistent_caches(self):
+        """Readable files that do not fit each other: class lists of different
+        lengths in meta.json, a negative class index, index arrays of other lengths
+        than the images, images of another dtype."""
+        ds = small(self.root, "train")
+        meta_path = ds.cache_dir / "meta.json"
+        data_path = ds.cache_dir / "data-train.npz"
+        meta_text = meta_path.read_text("utf-8")
+        with np.load(data_path) as z:
+            arrays = {k: z[k] for k in z.files}
+        meta = json.loads(meta_text)
+        first_train_class = meta["is_test"].index(False)
+        ids = arrays["class_indices"].copy()
+        ids[ids == first_train_class] = -1  # also in range from the end
+        short_meta = dict(meta, classes=meta["classes"][:-1])
+        for meta_edit, bad, reason in (
+            (short_meta, arrays, "different lengths"),
+            (meta, dict(arrays, class_indices=ids), "out of range"),
+            (meta, dict(arrays, font_indices=arrays["font_indices"][:-1]), "lengths"),
+            (meta, dict(arrays, images=arrays["images"].astype(np.int16)), "dtype"),
+        ):
+            with self.subTest(reason=reason):
+                meta_path.write_text(json.dumps(meta_edit), "utf-8")
+                np.savez(data_path, **bad)
+                with self.assertRaises(GlyphsCacheError) as ctx:
+                    small(self.root, "train")
+                self.assertIn(reason, str(ctx.exception))
+        meta_path.write_text(meta_text, "utf-8")
+        np.savez(data_path, **arrays)
+        np.testing.assert_array_equal(small(self.root, "train").data, ds.data)
