@@ -17,7 +17,10 @@ def metric_label(metric: str) -> str:
 
 
 def project_2d(x, seed: int = 0, method: str = "tsne") -> Tuple[np.ndarray, str]:
-    """[N, D] -> ([N, 2], method used): t-SNE with scikit-learn, else (or if asked) PCA."""
+    """[N, D] -> ([N, 2], method used): t-SNE with scikit-learn, else (or if asked) PCA.
+
+    ``seed`` is t-SNE's ``random_state``; with its PCA initialisation, current
+    scikit-learn (1.9) gives the same map for every seed."""
     x = np.asarray(x.detach().cpu() if isinstance(x, torch.Tensor) else x, np.float32)
     # t-SNE's PCA initialisation needs 2 features; 1-D rows go to the padded PCA
     if method == "tsne" and len(x) >= 5 and x.shape[1] >= 2:

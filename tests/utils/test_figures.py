@@ -80,3 +80,47 @@ def test_metric_label():
     assert metric_label("recall_at_4") == "R@4"
     assert metric_label("mean_average_precision_at_r") == "MAP@R"
     assert metric_label("NMI") == "NMI"
+
+
+@pytest.fixture
+def kept_figures(monkeypatch):
+    """The figures the plot functions draw, kept open for inspection."""
+    plt = pytest.importorskip("matplotlib.pyplot")
+    close, figures = plt.close, []
+    monkeypatch.setattr(plt, "close", figures.append)
+    yield figures
+    for fig in figures:
+        close(fig)
+
+
+def test_project_2d_pca_on_request():
+    x = torch.randn(40, 6, generator=torch.Generator().manual_seed(0))
+    assert project_2d(x, method="pca")[1] == "PCA"
+
+
+def test_plotted_values(tmp_path, kept_figures):
+    """Losses against epochs (iterations / iterations per epoch), metrics in %, one
+    colour per class, and in the synthesis figure the real rows by class and the
+    synthetic rows as one layer."""
+    plot_learning_curves(
+        {"~iteration~": [0, 5, 10], "total_loss": [3.0, 2.0, 1.5]},
+        {"epoch": [1, 2], "recall_at_1_level0": [0.5, 0.625]},
+        str(tmp_path / "c.png"),
+        iterations_per_epoch=5,
+    )
+    ax_loss, ax_acc = kept_figures[-1].axes
+    assert list(ax_loss.lines[0].get_xdata()) == [0, 1, 2]
+    assert list(ax_acc.lines[0].get_ydata()) == [50.0, 62.5]
+    torch.manual_seed(0)
+    embeddings, labels = torch.randn(24, 8), torch.arange(6).repeat_interleave(4)
+    plot_embeddings(embeddings, labels, str(tmp_path / "e.png"))
+    colours = {
+        tuple(c.get_facecolor()[0]) for c in kept_figures[-1].axes[0].collections
+    }
+    assert len(colours) == 6
+    ps = ProxySynthesisLoss(losses.ProxyAnchorLoss(num_classes=6, embedding_size=8))
+    synthesis = ps.synthesize(embeddings, labels)
+    plot_synthesis(synthesis, str(tmp_path / "s.png"))
+    *real, synthetic = kept_figures[-1].axes[0].collections
+    assert len(synthetic.get_offsets()) == len(synthesis.pairs)
+    assert sum(len(c.get_offsets()) for c in real) == 24
