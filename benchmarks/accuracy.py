@@ -500,6 +500,23 @@ def append_records(
         writer.writerows(records)
 
 
+def replace_heads(path: Path, heads: Sequence[dict]) -> None:
+    """Writes a run's head weightings to the heads CSV in place of any earlier ones of
+    the same method and seed (a run redone: interrupted before its main record was
+    written, or its main CSV removed)."""
+    runs = {(h["method"], str(h["seed"])) for h in heads}
+    kept = []
+    if path.exists():
+        with path.open() as f:
+            kept = [
+                r for r in csv.DictReader(f) if (r["method"], r["seed"]) not in runs
+            ]
+    new = path.with_suffix(".csv.new")
+    new.unlink(missing_ok=True)
+    append_records(new, kept + list(heads), HEAD_COLUMNS + list(METRICS))
+    new.replace(path)
+
+
 def mean_std(values: List[float]) -> str:
     if not values:
         return "n/a"
@@ -667,8 +684,7 @@ def main(argv: Sequence[str] = None) -> int:
                 continue
             heads = record.pop("heads", [])
             if heads:
-                heads_path = results_dir / f"{name}-heads.csv"
-                append_records(heads_path, heads, HEAD_COLUMNS + list(METRICS))
+                replace_heads(results_dir / f"{name}-heads.csv", heads)
             append_records(csv_path, [record])
             done[(record["method"], int(record["seed"]))] = record
             print(

@@ -290,9 +290,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="test images are resized to image-size x this (at least 1), "
                         "then centre-cropped")
     g.add_argument("--max-train-images", type=pos_int,
-                   help="train on a random subset of this many images (quick runs)")
+                   help="train on a random subset of this many images (quick runs; "
+                        "default: all)")
     g.add_argument("--max-test-images", type=pos_int,
-                   help="evaluate on a random subset of this many images (quick runs)")
+                   help="evaluate on a random subset of this many images (quick runs; "
+                        "default: all)")
 
     g = p.add_argument_group("model")
     g.add_argument("--trunk", choices=TRUNKS,
@@ -481,7 +483,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
     # fmt: off
     checks = [
-        needs(("ps_alpha", "ps_mu", "ps_lam_per", "ps_positive_divisor"), args.ps,
+        needs(("ps_alpha", "ps_mu", "ps_pairing", "ps_lam_per", "ps_positive_divisor",
+               "ps_exclude_parents", "ps_detach_parent_proxies"), args.ps,
               "Proxy Synthesis (not --no-ps)"),
         needs(("proxy_lr_mult",), args.loss not in TUPLE_LOSSES, "a proxy loss"),
         needs(("lr_decay_gamma",), args.lr_decay_step > 0, "--lr-decay-step > 0"),

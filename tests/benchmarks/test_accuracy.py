@@ -278,6 +278,11 @@ def test_head_weightings_of_shared_head_runs_go_to_their_own_csv(
         ("margin+shared", "3", "class_0.5_shared_1", "12.500"),
     ]
     assert rows[1]["nmi"] == "80.000"
+    # redone (its main record lost): its weightings replace the earlier ones
+    (tmp_path / "glyphs.csv").unlink()
+    (tmp_path / "glyphs.protocol").unlink()
+    assert bench.main(argv) == 0
+    assert len(read_csv(tmp_path / "glyphs-heads.csv")) == 2
 
 
 def test_row_sets_their_protocols_and_files(bench, tmp_path, monkeypatch, capsys):

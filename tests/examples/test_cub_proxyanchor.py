@@ -901,6 +901,13 @@ def test_resume_with_another_seed_of_a_subsampled_run_is_one_message(ex, cub_roo
             "--lr-decay-gamma needs --lr-decay-step > 0",
         ),
         (["--no-ps", "--ps-detach-parent-proxies"], "--ps-detach-parent-proxies needs"),
+        # the switches' --no- forms and the pairing, too: given, they would be ignored
+        (
+            ["--no-ps", "--no-ps-detach-parent-proxies"],
+            "--ps-detach-parent-proxies needs Proxy Synthesis",
+        ),
+        (["--no-ps", "--no-ps-exclude-parents"], "--ps-exclude-parents needs Proxy"),
+        (["--no-ps", "--ps-pairing", "random"], "--ps-pairing needs Proxy Synthesis"),
         (["--no-plots", "--plot-classes", "3"], "--plot-classes needs figures"),
         (["--shared-size", "8"], "--shared-size needs --shared-head"),
         (["--shared-cutoff", "0.2"], "--shared-cutoff needs --shared-head"),
