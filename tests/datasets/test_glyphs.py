@@ -503,7 +503,9 @@ class TestDeterminismAndCache(SmallGlyphsCase):
             np.testing.assert_array_equal(small(root, "train").data, base.data)
 
 
-class TestErrors(unittest.TestCase):
+class TempRootCase(unittest.TestCase):
+    """Each test gets its own empty root folder."""
+
     def setUp(self):
         self._tmp = tempfile.TemporaryDirectory()
         self.root = self._tmp.name
@@ -511,6 +513,8 @@ class TestErrors(unittest.TestCase):
     def tearDown(self):
         self._tmp.cleanup()
 
+
+class TestErrors(TempRootCase):
     def assert_value_error(self, needle, **kwargs):
         with self.assertRaises(ValueError) as ctx:
             small(self.root, **kwargs)
@@ -882,14 +886,7 @@ class TestGlyphDistance(unittest.TestCase):
             self.assertEqual(keep(clean, present, block=block), expected, block)
 
 
-class TestSelectionAndRendering(unittest.TestCase):
-    def setUp(self):
-        self._tmp = tempfile.TemporaryDirectory()
-        self.root = self._tmp.name
-
-    def tearDown(self):
-        self._tmp.cleanup()
-
+class TestSelectionAndRendering(TempRootCase):
     def test_oversized_glyphs_keep_the_margin(self):
         size = 32
         margin = max(1, size // 16)
