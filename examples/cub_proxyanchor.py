@@ -483,9 +483,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
     # fmt: off
     checks = [
-        needs(("ps_alpha", "ps_mu", "ps_pairing", "ps_lam_per", "ps_positive_divisor",
-               "ps_exclude_parents", "ps_detach_parent_proxies"), args.ps,
-              "Proxy Synthesis (not --no-ps)"),
+        # (the PS switches are refused below only when on: asked off, they are off)
+        needs(("ps_alpha", "ps_mu", "ps_pairing", "ps_lam_per", "ps_positive_divisor"),
+              args.ps, "Proxy Synthesis (not --no-ps)"),
         needs(("proxy_lr_mult",), args.loss not in TUPLE_LOSSES, "a proxy loss"),
         needs(("lr_decay_gamma",), args.lr_decay_step > 0, "--lr-decay-step > 0"),
         needs(("m_per_class",), args.sampler == "m_per_class", "--sampler m_per_class"),
