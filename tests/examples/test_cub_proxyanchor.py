@@ -151,6 +151,11 @@ def cub_args(root, out, *extra):
     return ["--data-root", str(root), *quick(out, *extra)]
 
 
+def small_cub(root, out, *extra):
+    """CUB flags for the small conv net from scratch, without figures."""
+    return cub_args(root, out, "--trunk", "small_conv", "--no-pretrained", "--no-plots", *extra)  # fmt: skip
+
+
 def glyphs_args(root, out, *extra):
     return ["--dataset", "glyphs", "--data-root", str(root), *GLYPHS_OPTIONS, *quick(out, *extra)]  # fmt: skip
 
@@ -212,7 +217,7 @@ def test_resume_after_interruption_restores_proxies_and_optimizer(
     from pytorch_metric_learning.trainers import BaseTrainer
 
     out = tmp_path / "run"
-    flags = cub_args(cub_root, out, "--trunk", "small_conv", "--no-pretrained", "--no-plots")  # fmt: skip
+    flags = small_cub(cub_root, out)
     assert ex.main(flags) == 0
     saved_loss = torch.load(out / "models" / "metric_loss_1.pth")
     saved_opt = torch.load(out / "models" / "metric_loss_optimizer_1.pth")
@@ -291,7 +296,7 @@ def test_resume_with_a_missing_checkpoint_file_is_one_message(ex, cub_root, tmp_
     """PML's loader only logs a missing file (and the run would go on with fresh
     proxies): the example names it and stops."""
     out = tmp_path / "run"
-    flags = cub_args(cub_root, out, "--trunk", "small_conv", "--no-pretrained", "--no-plots")  # fmt: skip
+    flags = small_cub(cub_root, out)
     assert ex.main(flags) == 0
     (out / "models" / "metric_loss_1.pth").unlink()
     capsys.readouterr()
@@ -373,7 +378,7 @@ def test_dataloader_workers_under_spawn_and_forkserver(tmp_path, start_method):
         f"multiprocessing.set_start_method({start_method!r}, force=True)\n"
     )
     out = tmp_path / "run"
-    flags = cub_args(make_cub(tmp_path / "data"), out, "--trunk", "small_conv", "--no-pretrained", "--no-plots", "--num-workers", "2")  # fmt: skip
+    flags = small_cub(make_cub(tmp_path / "data"), out, "--num-workers", "2")
     path = [str(site), *filter(None, [os.environ.get("PYTHONPATH")])]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
     proc = subprocess.run(
@@ -472,7 +477,7 @@ def test_cars196_and_sop_layouts_end_to_end(ex, tmp_path, dataset, make, train_i
     train, test = ex.build_datasets(args)
     assert (train.class_ids, test.class_ids) == (list(train_ids), list(test_ids))
     assert sorted(set(train.labels)) == sorted(set(test.labels)) == [0, 1, 2, 3]
-    flags = ["--dataset", dataset, *cub_args(root, tmp_path / "run", "--trunk", "small_conv", "--no-pretrained", "--no-plots")]  # fmt: skip
+    flags = ["--dataset", dataset, *small_cub(root, tmp_path / "run")]
     assert ex.main(flags) == 0
     assert accuracy_epochs(tmp_path / "run") == [1]
 
@@ -754,9 +759,7 @@ def test_glyphs_not_rendered_with_no_download(ex, tmp_path, capsys):
 
 def test_output_dir_protection(ex, cub_root, tmp_path, capsys):
     out = tmp_path / "run"
-    flags = cub_args(
-        cub_root, out, "--trunk", "small_conv", "--no-pretrained", "--no-plots"
-    )
+    flags = small_cub(cub_root, out)
     assert ex.main(flags + ["--resume"]) == 1
     assert "no checkpoint" in capsys.readouterr().err
     assert ex.main(flags) == 0
@@ -767,8 +770,7 @@ def test_output_dir_protection(ex, cub_root, tmp_path, capsys):
     assert ex.main(flags + ["--resume", "--epochs", "2", "--no-ps"]) == 1
     assert "other option: --ps" in capsys.readouterr().err
     # --overwrite deletes the run only once the new run's data is there
-    missing = cub_args(tmp_path / "no_data", out, "--trunk", "small_conv",
-                       "--no-pretrained", "--no-plots", "--no-download")  # fmt: skip
+    missing = small_cub(tmp_path / "no_data", out, "--no-download")
     assert ex.main(missing + ["--overwrite"]) == 1
     assert "CUB-200-2011" in capsys.readouterr().err
     assert accuracy_epochs(out) == [1]
@@ -1167,10 +1169,6 @@ def test_check_checkpoint_names_every_missing_file(ex, tmp_path, victim):
 
 
 # ------------------------------------------- behaviour of the flags, one by one
-
-
-def small_cub(root, out, *extra):
-    return cub_args(root, out, "--trunk", "small_conv", "--no-pretrained", "--no-plots", *extra)  # fmt: skip
 
 
 def same_state(a, b):
