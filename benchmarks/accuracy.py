@@ -16,6 +16,9 @@ size, sampler, epochs, learning rates and seeds; only the rows' own flags differ
     python benchmarks/accuracy.py --sweep --seeds 0  # PS settings for ProxyAnchor (one seed)
     python benchmarks/accuracy.py --dataset cub --data-root data   # also cars196, sop
 
+Flags after -- go to every run. Each run's command line is parsed by the example before
+any run starts, so a flag it refuses is a usage error, not a run that fails later.
+
 On CUB-200-2011, Cars196 and SOP (PML's dataset classes, when their data is under
 --data-root) every row uses the example's recipe for photos (ResNet-50, 224 px, batch 180,
 60 epochs, ...): a GPU job, far beyond this project's CPU machine.
@@ -23,8 +26,11 @@ On CUB-200-2011, Cars196 and SOP (PML's dataset classes, when their data is unde
 
 import argparse
 import concurrent.futures
+import contextlib
 import csv
+import functools
 import importlib.util
+import io
 import itertools
 import logging
 import statistics
@@ -403,6 +409,13 @@ QUICK = [
 ]
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
+    return value
+
+
 def load_example():
     spec = importlib.util.spec_from_file_location("cub_proxyanchor", EXAMPLE)
     module = importlib.util.module_from_spec(spec)
@@ -445,21 +458,43 @@ def read_done(path: Path) -> Dict[tuple, dict]:
         return {(r["method"], int(r["seed"])): r for r in csv.DictReader(f)}
 
 
-_EXAMPLE = None
+@functools.cache
+def example_module():
+    """The example, loaded once per process."""
+    return load_example()
+
+
+def run_argv(
+    row: Row, dataset: str, seed: int, extra: Sequence[str], output_dir: str
+) -> List[str]:
+    """The example's command line for one run of ``row``."""
+    argv = row_argv(row, dataset, seed, extra)
+    return argv + ["--output-dir", output_dir, "--no-plots", "--overwrite"]
+
+
+def check_flags(row: Row, dataset: str, seed: int, extra: Sequence[str]) -> None:
+    """Raises ValueError, with the example's message, if the example refuses the
+    command line of this run (e.g. a misspelt flag after --)."""
+    stderr = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(stderr):
+            example_module().parse_args(run_argv(row, dataset, seed, extra, "unused"))
+    except SystemExit as e:
+        if e.code == 0:  # --help among the example flags: its help was printed
+            raise
+        message = stderr.getvalue().strip().splitlines()[-1].split("error: ", 1)[-1]
+        raise ValueError(
+            f"the example refuses the flags of row {row.method!r} seed {seed} "
+            f"({' '.join(row_argv(row, dataset, seed, extra))}): {message}"
+        ) from None
 
 
 def run_one(row: Row, dataset: str, seed: int, extra: Sequence[str]) -> dict:
     """Trains and evaluates one row and seed with the example; returns its CSV record,
     with the records of its head weightings under "heads" (shared-head rows)."""
-    global _EXAMPLE
-    if _EXAMPLE is None:
-        _EXAMPLE = load_example()
-    example = _EXAMPLE
+    example = example_module()
     with tempfile.TemporaryDirectory() as out:
-        args = example.parse_args(
-            row_argv(row, dataset, seed, extra)
-            + ["--output-dir", out, "--no-plots", "--overwrite"]
-        )
+        args = example.parse_args(run_argv(row, dataset, seed, extra, out))
         args.test_interval = args.epochs  # evaluate once, at the end
         start = time.perf_counter()
         results = example.run(args)
@@ -596,24 +631,40 @@ def plot(records: Dict[tuple, dict], rows: List[Row], path: Path) -> None:
 
 
 def main(argv: Sequence[str] = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--dataset",
+        default="glyphs",
+        choices=("glyphs", "cub", "cars196", "sop"),
+        help="(default: %(default)s)",
     )
     parser.add_argument(
-        "--dataset", default="glyphs", choices=("glyphs", "cub", "cars196", "sop")
+        "--data-root",
+        default="data",
+        help="the datasets' folder (default: %(default)s)",
     )
-    parser.add_argument("--data-root", default="data")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument(
+        "--seeds", type=int, nargs="+", default=[0, 1, 2], help="(default: 0 1 2)"
+    )
     parser.add_argument("--methods", nargs="+", help="only these rows (default: all)")
-    parser.add_argument("--results-dir", default=str(HERE / "results"))
+    parser.add_argument(
+        "--results-dir",
+        default=str(HERE / "results"),
+        help="where the CSV, summary and chart go (default: benchmarks/results)",
+    )
     parser.add_argument(
         "--jobs",
-        type=int,
+        type=_positive_int,
         default=2,
-        help="runs in parallel, each with --num-threads torch threads",
+        help="runs in parallel, each with --num-threads torch threads "
+        "(default: %(default)s)",
     )
-    parser.add_argument("--num-threads", type=int, default=1)
+    parser.add_argument(
+        "--num-threads",
+        type=int,
+        default=1,
+        help="torch threads per run, 0: torch's default (default: %(default)s)",
+    )
     parser.add_argument(
         "--supplementary",
         action="store_true",
@@ -660,12 +711,14 @@ def main(argv: Sequence[str] = None) -> int:
     results_dir = Path(args.results_dir)
     results_dir.mkdir(parents=True, exist_ok=True)
     csv_path = results_dir / f"{name}.csv"
-    try:
+    done = read_done(csv_path)
+    todo = [(r, s) for r in rows for s in args.seeds if (r.method, s) not in done]
+    try:  # before anything is written: the protocol is claimed by valid flags only
+        for r, s in todo:
+            check_flags(r, args.dataset, s, extra)
         claim_protocol(csv_path.with_suffix(".protocol"), " ".join(protocol))
     except ValueError as e:
         parser.error(str(e))
-    done = read_done(csv_path)
-    todo = [(r, s) for r in rows for s in args.seeds if (r.method, s) not in done]
     print(f"{len(done)} runs done, {len(todo)} to go -> {csv_path}", flush=True)
     start, failed = time.perf_counter(), []
     with concurrent.futures.ProcessPoolExecutor(args.jobs) as pool:

@@ -242,6 +242,14 @@ def _non_negative(kind):
     return parse
 
 
+def _seed(text: str) -> int:
+    """A seed numpy's global RNG takes (``np.random.seed``: 0 to 2**32 - 1)."""
+    value = int(text)
+    if not 0 <= value < 2**32:
+        raise argparse.ArgumentTypeError(f"must be in [0, 2**32 - 1], got {text}")
+    return value
+
+
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows each option's default, except None: the help says what happens then."""
 
@@ -400,7 +408,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="images per class in a batch, with --sampler m_per_class")
     g.add_argument("--iterations-per-epoch", type=pos_int,
                    help="iterations per epoch (default: one pass over the training set)")
-    g.add_argument("--seed", type=int, default=0,
+    g.add_argument("--seed", type=_seed, default=0,
                    help="seed of torch, numpy and random")
 
     g = p.add_argument_group("evaluation and output")

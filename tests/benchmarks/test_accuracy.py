@@ -79,6 +79,38 @@ def test_runs_are_resumed_only_under_their_protocol(bench, tmp_path, monkeypatch
     assert len(read_csv(tmp_path / "glyphs.csv")) == 1
 
 
+def test_flags_the_example_refuses_stop_it_before_anything_is_written(
+    bench, tmp_path, monkeypatch, capsys
+):
+    """Every run's command line is parsed by the example first: a bad flag after --
+    is a usage error naming the row and the example's message, and claims no
+    protocol (which would refuse the corrected command in that folder)."""
+    monkeypatch.setattr(bench, "run_one", fake_run_one)
+    argv = ["--results-dir", str(tmp_path), "--seeds", "0", "--jobs", "1"]
+    for extra, message in [
+        (["--bogus"], "unrecognized arguments: --bogus"),
+        (["--num-threads", "-1"], "argument --num-threads: must be >= 0, got -1"),
+    ]:
+        with pytest.raises(SystemExit) as exit_info:
+            bench.main(argv + ["--methods", "proxy_anchor", "--", *extra])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert "refuses the flags of row 'proxy_anchor' seed 0" in err
+        assert message in err
+    # valid for one row, not for another: the PS options need a PS row
+    with pytest.raises(SystemExit):
+        bench.main(argv + ["--methods", "proxy_anchor+ps", "margin", "--", "--ps-mu", "1"])  # fmt: skip
+    assert "row 'margin' seed 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench.main(argv + ["--methods", "proxy_anchor", "--seeds", "-1"])
+    assert "--seed: must be in [0, 2**32 - 1], got -1" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(argv + ["--jobs", "0"])
+    assert exit_info.value.code == 2
+    assert "argument --jobs: must be >= 1, got 0" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_summary_cells_by_hand(bench):
     """The summary line of a counterpart, cell by cell: each column's own mean ± sample
     std (two seeds), and the signed paired Δ MAP@R written out by hand, with the runs
@@ -229,7 +261,7 @@ def test_run_one_records_the_examples_last_metrics_in_percent(bench, monkeypatch
     fake = SimpleNamespace(
         parse_args=lambda argv: SimpleNamespace(argv=argv, epochs=5), run=run
     )
-    monkeypatch.setattr(bench, "_EXAMPLE", fake)
+    monkeypatch.setattr(bench, "example_module", lambda: fake)
     row = next(r for r in bench.ROWS if r.method == "proxy_anchor+ps")
     record = bench.run_one(row, "glyphs", 2, ["--epochs", "5"])
     assert {k: record[k] for k in bench.METRICS} == {
@@ -266,7 +298,7 @@ def test_head_weightings_of_shared_head_runs_go_to_their_own_csv(
         parse_args=lambda argv: SimpleNamespace(argv=argv, epochs=5),
         run=lambda args: {"last": last, "heads": heads},
     )
-    monkeypatch.setattr(bench, "_EXAMPLE", fake)
+    monkeypatch.setattr(bench, "example_module", lambda: fake)
     argv = ["--results-dir", str(tmp_path), "--methods", "margin+shared", "--seeds",
             "3", "--jobs", "1"]  # fmt: skip
     assert bench.main(argv) == 0

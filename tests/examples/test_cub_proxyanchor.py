@@ -852,6 +852,9 @@ def test_resume_with_another_seed_of_a_subsampled_run_is_one_message(ex, cub_roo
         (["--loss", "arcface", "--loss-kwargs", '{"num_classes": 2}'], "num_classes"),
         (["--loss", "triplet"], "invalid choice"),
         (["--epochs", "0"], "must be > 0"),
+        # numpy's global RNG (seeded for PML's samplers) takes 0 to 2**32 - 1
+        (["--seed", "-1"], "--seed: must be in [0, 2**32 - 1], got -1"),
+        (["--seed", str(2**32)], "--seed: must be in [0, 2**32 - 1]"),
         (["--batch-size", "1"], "--batch-size must be at least 2"),
         (["--image-size", "15"], "--image-size must be at least 16"),
         (["--crop-scale", "1.5"], "--crop-scale"),
@@ -922,6 +925,12 @@ def test_bad_flag_combinations(ex, capsys, argv, message):
         ex.parse_args(["--device", "cpu", *argv])
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_the_largest_seed_is_one_numpy_takes(ex):
+    seed = ex.parse_args(["--seed", str(2**32 - 1)]).seed
+    assert seed == 2**32 - 1
+    np.random.RandomState(seed)  # what np.random.seed checks; 2**32 raises
 
 
 def test_bad_loss_kwargs_is_a_clear_error(ex, cub_root, tmp_path, capsys):
