@@ -409,7 +409,7 @@ QUICK = [
 ]
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
@@ -654,7 +654,7 @@ def main(argv: Sequence[str] = None) -> int:
     )
     parser.add_argument(
         "--jobs",
-        type=_positive_int,
+        type=positive_int,
         default=2,
         help="runs in parallel, each with --num-threads torch threads "
         "(default: %(default)s)",

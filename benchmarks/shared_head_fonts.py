@@ -108,7 +108,7 @@ def measure(example, args, models, test_dataset, method, stage) -> List[dict]:
 
 def run_one(method: str, seed: int, extra: Sequence[str]) -> List[dict]:
     """Trains one benchmark row and seed as ``accuracy.py`` does; measures before/after."""
-    example = accuracy.load_example()
+    example = accuracy.example_module()
     row = next(
         r for r in accuracy.ROWS + accuracy.SUPPLEMENTARY_ROWS if r.method == method
     )
@@ -155,19 +155,26 @@ def main(argv: Sequence[str] = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--data-root", default="data")
     parser.add_argument("--results-dir", default=str(accuracy.HERE / "results"))
-    parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--jobs", type=accuracy.positive_int, default=2)
     args = parser.parse_args(argv)
-    known = {r.method for r in accuracy.ROWS + accuracy.SUPPLEMENTARY_ROWS}
-    if set(args.methods) - known:
-        parser.error(f"unknown methods {sorted(set(args.methods) - known)}")
+    rows = {r.method: r for r in accuracy.ROWS + accuracy.SUPPLEMENTARY_ROWS}
+    if set(args.methods) - set(rows):
+        parser.error(f"unknown methods {sorted(set(args.methods) - set(rows))}")
     extra = ["--data-root", args.data_root, "--num-threads", "1"] + accuracy.PROTOCOL
-    path = Path(args.results_dir) / "glyphs-shared-head-fonts.csv"
+    results_dir = Path(args.results_dir)
+    path = results_dir / "glyphs-shared-head-fonts.csv"
     records = []
     if path.exists():
         with path.open() as f:
             records = list(csv.DictReader(f))
     done = {(r["method"], int(r["seed"])) for r in records}
     todo = [(m, s) for m in args.methods for s in args.seeds if (m, s) not in done]
+    try:  # a bad seed is a usage error now, not a failed run later
+        for m, s in todo:
+            accuracy.check_flags(rows[m], "glyphs", s, extra)
+    except ValueError as e:
+        parser.error(str(e))
+    results_dir.mkdir(parents=True, exist_ok=True)
     with concurrent.futures.ProcessPoolExecutor(args.jobs) as pool:
         futures = [pool.submit(run_one, m, s, extra) for m, s in todo]
         for future in concurrent.futures.as_completed(futures):
