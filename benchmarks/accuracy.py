@@ -409,13 +409,6 @@ QUICK = [
 ]
 
 
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
-    return value
-
-
 def load_example():
     spec = importlib.util.spec_from_file_location("cub_proxyanchor", EXAMPLE)
     module = importlib.util.module_from_spec(spec)
@@ -631,39 +624,41 @@ def plot(records: Dict[tuple, dict], rows: List[Row], path: Path) -> None:
 
 
 def main(argv: Sequence[str] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    example = example_module()  # its argument types, and its parser checks each run
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=example.HelpFormatter
+    )
     parser.add_argument(
         "--dataset",
         default="glyphs",
         choices=("glyphs", "cub", "cars196", "sop"),
-        help="(default: %(default)s)",
+        help="the photo datasets need their data under --data-root",
     )
+    parser.add_argument("--data-root", default="data", help="the datasets' folder")
     parser.add_argument(
-        "--data-root",
-        default="data",
-        help="the datasets' folder (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--seeds", type=int, nargs="+", default=[0, 1, 2], help="(default: 0 1 2)"
+        "--seeds",
+        type=example.numpy_seed,
+        nargs="+",
+        default=[0, 1, 2],
+        help="one run per row and seed",
     )
     parser.add_argument("--methods", nargs="+", help="only these rows (default: all)")
     parser.add_argument(
         "--results-dir",
         default=str(HERE / "results"),
-        help="where the CSV, summary and chart go (default: benchmarks/results)",
+        help="where the CSV, summary and chart go",
     )
     parser.add_argument(
         "--jobs",
-        type=positive_int,
+        type=example.positive(int),
         default=2,
-        help="runs in parallel, each with --num-threads torch threads "
-        "(default: %(default)s)",
+        help="runs in parallel, each with --num-threads torch threads",
     )
     parser.add_argument(
         "--num-threads",
-        type=int,
+        type=example.non_negative(int),
         default=1,
-        help="torch threads per run, 0: torch's default (default: %(default)s)",
+        help="torch threads per run, 0: torch's default",
     )
     parser.add_argument(
         "--supplementary",

@@ -64,7 +64,7 @@ import numpy as np
 import pytorch_metric_learning
 import torch
 import torch.nn.functional as F
-from accuracy import load_example  # benchmarks/accuracy.py, beside this script
+from accuracy import example_module  # benchmarks/accuracy.py, beside this script
 from pytorch_metric_learning import losses
 from pytorch_metric_learning.miners import DistanceWeightedMiner, TripletMarginMiner
 
@@ -574,7 +574,7 @@ def training_step(
 
 def run_train_step(device: torch.device, config: TimingConfig, seed: int) -> List[str]:
     """The train-step section: its markdown lines."""
-    ex = load_example()
+    ex = example_module()
     torch.manual_seed(seed)
     batch = 128
     x = torch.randn(batch, 1, 32, 32, device=device)
@@ -629,9 +629,10 @@ def run_train_step(device: torch.device, config: TimingConfig, seed: int) -> Lis
 
 def build_parser() -> argparse.ArgumentParser:
     """The command-line interface."""
+    ex = example_module()  # its argument types
     p = argparse.ArgumentParser(
         description=__doc__.splitlines()[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=ex.HelpFormatter,
     )
     p.add_argument(
         "--sections",
@@ -646,17 +647,24 @@ def build_parser() -> argparse.ArgumentParser:
         default="cuda" if torch.cuda.is_available() else "cpu",
         help="cuda when available, else cpu",
     )
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument(
+        "--threads", type=ex.positive(int), default=2, help="torch CPU threads"
+    )
     p.add_argument(
         "--repeats",
-        type=int,
+        type=ex.positive(int),
         help="timed calls per candidate at most; unset: "
         + ", ".join(f"{k} {v}" for k, v in DEFAULT_REPEATS.items()),
     )
-    p.add_argument("--warmup", type=int, default=3, help="warm-up calls per candidate")
+    p.add_argument(
+        "--warmup",
+        type=ex.non_negative(int),
+        default=3,
+        help="warm-up calls per candidate",
+    )
     p.add_argument(
         "--budget",
-        type=float,
+        type=ex.positive(float),
         default=3.0,
         help="seconds of timed calls per candidate and cell; slower candidates get "
         f"fewer repeats (at least {MIN_REPEATS})",
@@ -665,7 +673,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="miner: rows per class in the batch")  # fmt: skip
     p.add_argument("--triplet-type", choices=("semihard", "all"), default="semihard",
                    help="miner: TripletMarginMiner's type_of_triplets")  # fmt: skip
-    p.add_argument("--seed", type=int, default=0, help="torch and numpy seed")
+    p.add_argument("--seed", type=ex.numpy_seed, default=0, help="torch and numpy seed")
     p.add_argument("--out", type=Path, help="markdown report to write")
     p.add_argument(
         "--quick",

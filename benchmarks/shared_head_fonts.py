@@ -150,12 +150,28 @@ def summarise(records: List[dict]) -> str:
 
 
 def main(argv: Sequence[str] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS))
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--data-root", default="data")
-    parser.add_argument("--results-dir", default=str(accuracy.HERE / "results"))
-    parser.add_argument("--jobs", type=accuracy.positive_int, default=2)
+    example = accuracy.example_module()
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=example.HelpFormatter
+    )
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        default=list(DEFAULT_METHODS),
+        help="rows of accuracy.py to train and measure",
+    )
+    parser.add_argument(
+        "--seeds", type=example.numpy_seed, nargs="+", default=[0, 1, 2], help="seeds"
+    )
+    parser.add_argument("--data-root", default="data", help="the datasets' folder")
+    parser.add_argument(
+        "--results-dir",
+        default=str(accuracy.HERE / "results"),
+        help="where the CSV and summary go",
+    )
+    parser.add_argument(
+        "--jobs", type=example.positive(int), default=2, help="runs in parallel"
+    )
     args = parser.parse_args(argv)
     rows = {r.method: r for r in accuracy.ROWS + accuracy.SUPPLEMENTARY_ROWS}
     if set(args.methods) - set(rows):

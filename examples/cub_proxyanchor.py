@@ -34,7 +34,7 @@ import time
 import urllib.error
 import warnings
 import zipfile
-from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 # Idle OpenMP threads sleep instead of spinning: on a busy CPU, spinning threads make
 # multi-threaded training up to 10x slower. Must be set before torch is imported.
@@ -220,37 +220,36 @@ def _json_dict(text: str) -> Dict[str, Any]:
     return value
 
 
-def _positive(kind):
+def _number(kind, requirement: str, ok: Callable[[Any], bool]):
+    """An argparse type: ``kind(text)``, finite (NaN and inf are refused) and ``ok``."""
+
     def parse(text: str):
         value = kind(text)
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        if not (math.isfinite(value) and ok(value)):
+            raise argparse.ArgumentTypeError(f"must be {requirement}, got {text}")
         return value
 
     parse.__name__ = kind.__name__
     return parse
 
 
-def _non_negative(kind):
-    def parse(text: str):
-        value = kind(text)
-        if value < 0:
-            raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-        return value
-
-    parse.__name__ = kind.__name__
-    return parse
+def positive(kind):
+    """An argparse type for a number > 0 (finite, for floats)."""
+    return _number(kind, "> 0" if kind is int else "finite and > 0", lambda v: v > 0)
 
 
-def _seed(text: str) -> int:
-    """A seed numpy's global RNG takes (``np.random.seed``: 0 to 2**32 - 1)."""
-    value = int(text)
-    if not 0 <= value < 2**32:
-        raise argparse.ArgumentTypeError(f"must be in [0, 2**32 - 1], got {text}")
-    return value
+def non_negative(kind):
+    """An argparse type for a number >= 0 (finite, for floats)."""
+    requirement = ">= 0" if kind is int else "finite and >= 0"
+    return _number(kind, requirement, lambda v: v >= 0)
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+# numpy's global RNG, seeded for PML's samplers, takes 0 to 2**32 - 1 (np.random.seed)
+numpy_seed = _number(int, "in [0, 2**32 - 1]", lambda v: 0 <= v < 2**32)
+finite_float = _number(float, "finite", lambda v: True)
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows each option's default, except None: the help says what happens then."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
@@ -263,10 +262,10 @@ def build_parser() -> argparse.ArgumentParser:
     """The command-line interface; dataset-dependent defaults are ``PerDataset``."""
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
-        formatter_class=_HelpFormatter,
+        formatter_class=HelpFormatter,
     )
-    pos_int, pos_float = _positive(int), _positive(float)
-    nonneg_int, nonneg_float = _non_negative(int), _non_negative(float)
+    pos_int, pos_float = positive(int), positive(float)
+    nonneg_int, nonneg_float = non_negative(int), non_negative(float)
     flag = argparse.BooleanOptionalAction
     # fmt: off
     g = p.add_argument_group("data")
@@ -326,7 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
                    default="proxy_anchor",
                    help="PML proxy loss, or margin: PML's MarginLoss (learned beta) with "
                         "its DistanceWeightedMiner (needs --no-ps)")
-    g.add_argument("--proxy-anchor-margin", type=float, default=0.1,
+    g.add_argument("--proxy-anchor-margin", type=finite_float, default=0.1,
                    help="ProxyAnchorLoss margin")
     g.add_argument("--proxy-anchor-alpha", type=pos_float, default=32.0,
                    help="ProxyAnchorLoss alpha (scale)")
@@ -408,7 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="images per class in a batch, with --sampler m_per_class")
     g.add_argument("--iterations-per-epoch", type=pos_int,
                    help="iterations per epoch (default: one pass over the training set)")
-    g.add_argument("--seed", type=_seed, default=0,
+    g.add_argument("--seed", type=numpy_seed, default=0,
                    help="seed of torch, numpy and random")
 
     g = p.add_argument_group("evaluation and output")

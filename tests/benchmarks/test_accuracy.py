@@ -103,11 +103,13 @@ def test_flags_the_example_refuses_stop_it_before_anything_is_written(
     assert "row 'margin' seed 0" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         bench.main(argv + ["--methods", "proxy_anchor", "--seeds", "-1"])
-    assert "--seed: must be in [0, 2**32 - 1], got -1" in capsys.readouterr().err
+    assert (
+        "argument --seeds: must be in [0, 2**32 - 1], got -1" in capsys.readouterr().err
+    )
     with pytest.raises(SystemExit) as exit_info:
         bench.main(argv + ["--jobs", "0"])
     assert exit_info.value.code == 2
-    assert "argument --jobs: must be >= 1, got 0" in capsys.readouterr().err
+    assert "argument --jobs: must be > 0, got 0" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
 
 
@@ -248,6 +250,11 @@ def test_counterparts_differ_from_their_baselines_in_the_method_only(bench, exam
             assert changed and changed <= METHOD_OPTIONS, (row.method, changed)
 
 
+def fake_parse_args(argv):
+    """The example's parse_args, recording its argv (for a fake run)."""
+    return SimpleNamespace(argv=argv, epochs=5)
+
+
 def test_run_one_records_the_examples_last_metrics_in_percent(bench, monkeypatch):
     """Each CSV column holds its own metric of the example's last evaluation, x 100."""
     calls = {}
@@ -258,10 +265,9 @@ def test_run_one_records_the_examples_last_metrics_in_percent(bench, monkeypatch
                          "recall_at_8": 0.83, "mean_average_precision_at_r": 0.31234,
                          "r_precision": 0.4, "NMI": 0.9, "epoch": 5}}  # fmt: skip
 
-    fake = SimpleNamespace(
-        parse_args=lambda argv: SimpleNamespace(argv=argv, epochs=5), run=run
-    )
-    monkeypatch.setattr(bench, "example_module", lambda: fake)
+    example = bench.example_module()
+    monkeypatch.setattr(example, "parse_args", fake_parse_args)
+    monkeypatch.setattr(example, "run", run)
     row = next(r for r in bench.ROWS if r.method == "proxy_anchor+ps")
     record = bench.run_one(row, "glyphs", 2, ["--epochs", "5"])
     assert {k: record[k] for k in bench.METRICS} == {
@@ -294,11 +300,9 @@ def test_head_weightings_of_shared_head_runs_go_to_their_own_csv(
                                "r_precision": 0.2, "NMI": 0.8},
     }  # fmt: skip
     last = heads["class"] | {"mean_average_precision_at_r": 0.2}
-    fake = SimpleNamespace(
-        parse_args=lambda argv: SimpleNamespace(argv=argv, epochs=5),
-        run=lambda args: {"last": last, "heads": heads},
-    )
-    monkeypatch.setattr(bench, "example_module", lambda: fake)
+    example = bench.example_module()
+    monkeypatch.setattr(example, "parse_args", fake_parse_args)
+    monkeypatch.setattr(example, "run", lambda args: {"last": last, "heads": heads})
     argv = ["--results-dir", str(tmp_path), "--methods", "margin+shared", "--seeds",
             "3", "--jobs", "1"]  # fmt: skip
     assert bench.main(argv) == 0

@@ -269,3 +269,21 @@ def test_quick_run_never_replaces_the_results(bench, tmp_path, monkeypatch):
     finally:
         torch.set_num_threads(threads)
     assert "## ps: fake" in (tmp_path / "cost-cpu.md").read_text()
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--threads", "0"], "argument --threads: must be > 0, got 0"),
+        # 0 repeats used to mean "unset" (the section's default), silently
+        (["--repeats", "0"], "argument --repeats: must be > 0, got 0"),
+        (["--warmup", "-1"], "argument --warmup: must be >= 0, got -1"),
+        (["--budget", "nan"], "argument --budget: must be finite and > 0, got nan"),
+        (["--seed", "-1"], "argument --seed: must be in [0, 2**32 - 1], got -1"),
+    ],
+)
+def test_bad_arguments_are_usage_errors(bench, capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_info:
+        bench.build_parser().parse_args(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err

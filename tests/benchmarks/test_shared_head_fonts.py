@@ -95,8 +95,8 @@ def test_tiny_run_end_to_end_and_resume(fonts_bench, tmp_path, monkeypatch, caps
 def test_bad_arguments_are_usage_errors_before_any_run(fonts_bench, tmp_path, capsys):
     argv = ["--results-dir", str(tmp_path / "results"), "--data-root", str(tmp_path)]
     for bad, message in [
-        (["--seeds", "-1"], "--seed: must be in [0, 2**32 - 1], got -1"),
-        (["--jobs", "0"], "argument --jobs: must be >= 1, got 0"),
+        (["--seeds", "-1"], "argument --seeds: must be in [0, 2**32 - 1], got -1"),
+        (["--jobs", "0"], "argument --jobs: must be > 0, got 0"),
         (["--methods", "no_such_row"], "unknown methods ['no_such_row']"),
     ]:
         with pytest.raises(SystemExit) as exit_info:

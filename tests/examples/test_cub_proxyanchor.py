@@ -855,6 +855,11 @@ def test_resume_with_another_seed_of_a_subsampled_run_is_one_message(ex, cub_roo
         # numpy's global RNG (seeded for PML's samplers) takes 0 to 2**32 - 1
         (["--seed", "-1"], "--seed: must be in [0, 2**32 - 1], got -1"),
         (["--seed", str(2**32)], "--seed: must be in [0, 2**32 - 1]"),
+        # NaN would pass a plain "> 0" test and train a NaN model; inf likewise
+        (["--lr", "nan"], "--lr: must be finite and > 0, got nan"),
+        (["--ps-mu", "inf"], "--ps-mu: must be finite and >= 0, got inf"),
+        (["--proxy-anchor-margin", "nan"], "--proxy-anchor-margin: must be finite"),
+        (["--crop-scale=-inf"], "--crop-scale: must be finite and > 0"),
         (["--batch-size", "1"], "--batch-size must be at least 2"),
         (["--image-size", "15"], "--image-size must be at least 16"),
         (["--crop-scale", "1.5"], "--crop-scale"),
