@@ -33,6 +33,8 @@ from matplotlib.ft2font import FT2Font
 from PIL import Image, ImageDraw, ImageFont
 from torch.utils.data import Dataset
 
+from ..utils.checks import check_int
+
 __all__ = [
     "DEFAULT_FONT_FILES",
     "EXCLUDED_FONT_PATTERNS",
@@ -655,16 +657,6 @@ def _corrupt_message(path: Path, error: BaseException) -> str:
 # ------------------------------------------------------------------ dataset
 
 
-def _int_arg(name: str, value: Any, minimum: int) -> int:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, np.integer))
-        or value < minimum
-    ):
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
-
-
 def _parse_characters(characters: Union[str, Iterable[Union[str, int]]]) -> set[int]:
     out = set()
     for ch in characters:
@@ -753,15 +745,15 @@ class Glyphs(Dataset):
     ) -> None:
         if split not in SPLITS:
             raise ValueError(f"split={split!r} is not one of {', '.join(SPLITS)}")
-        image_size = _int_arg("image_size", image_size, 8)
-        augmentations_per_font = _int_arg(
+        image_size = check_int("image_size", image_size, 8)
+        augmentations_per_font = check_int(
             "augmentations_per_font", augmentations_per_font, 0
         )
-        seed = _int_arg("seed", seed, 0)
-        split_seed = _int_arg("split_seed", split_seed, 0)
-        min_fonts = _int_arg("min_fonts", min_fonts, 1)
+        seed = check_int("seed", seed, 0)
+        split_seed = check_int("split_seed", split_seed, 0)
+        min_fonts = check_int("min_fonts", min_fonts, 1)
         if max_classes is not None:
-            max_classes = _int_arg("max_classes", max_classes, 2)
+            max_classes = check_int("max_classes", max_classes, 2)
         if (
             isinstance(homoglyph_threshold, bool)
             or not isinstance(

@@ -16,6 +16,8 @@ import torch
 from pytorch_metric_learning.distances import LpDistance
 from pytorch_metric_learning.miners import BaseMiner
 
+from ..utils.checks import check_int
+
 STRATEGIES = ("standard", "full", "random")
 
 # Distances are clamped to [max(cutoff, _DIST_EPS), 2 - _DIST_EPS] before the logs, so
@@ -115,14 +117,7 @@ class SharedCharacteristicsMiner(BaseMiner):
                 "nonzero_loss_cutoff must be None or a number > cutoff "
                 f"({cutoff}), got {nonzero_loss_cutoff!r}"
             )
-        if (
-            not isinstance(triplets_per_anchor, numbers.Integral)
-            or isinstance(triplets_per_anchor, bool)
-            or triplets_per_anchor < 1
-        ):
-            raise ValueError(
-                f"triplets_per_anchor must be an int >= 1, got {triplets_per_anchor!r}"
-            )
+        triplets_per_anchor = check_int("triplets_per_anchor", triplets_per_anchor)
         if generator is not None and not isinstance(generator, torch.Generator):
             raise ValueError(
                 f"generator must be a torch.Generator or None, got {type(generator)}"
@@ -132,7 +127,7 @@ class SharedCharacteristicsMiner(BaseMiner):
         self.nonzero_loss_cutoff = (
             None if nonzero_loss_cutoff is None else float(nonzero_loss_cutoff)
         )
-        self.triplets_per_anchor = int(triplets_per_anchor)
+        self.triplets_per_anchor = triplets_per_anchor
         self.generator = generator
         self.add_to_recordable_attributes(
             list_of_names=["cutoff", "triplets_per_anchor"], is_stat=False

@@ -9,6 +9,8 @@ from pytorch_metric_learning.samplers import MPerClassSampler
 from pytorch_metric_learning.utils import common_functions as c_f
 from torch.utils.data import Sampler
 
+from ..utils.checks import check_int
+
 
 class DistributedMPerClassSampler(Sampler[int]):
     """Splits each batch of PML's ``MPerClassSampler`` across the ranks.
@@ -52,15 +54,12 @@ class DistributedMPerClassSampler(Sampler[int]):
                 num_replicas = torch.distributed.get_world_size()
             if rank is None:
                 rank = torch.distributed.get_rank()
-        for name, value in (
-            ("m", m),
-            ("batch_size", batch_size),
-            ("length_before_new_iter", length_before_new_iter),
-        ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-        if num_replicas < 1:
-            raise ValueError(f"num_replicas must be >= 1, got {num_replicas}")
+        m = check_int("m", m)
+        batch_size = check_int("batch_size", batch_size)
+        length_before_new_iter = check_int(
+            "length_before_new_iter", length_before_new_iter
+        )
+        num_replicas = check_int("num_replicas", num_replicas)
         if not 0 <= rank < num_replicas:
             raise ValueError(f"rank must lie in [0, {num_replicas}), got {rank}")
         if batch_size % m:

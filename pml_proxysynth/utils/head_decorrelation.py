@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from pytorch_metric_learning.utils.module_with_records import ModuleWithRecords
 from torch import nn
 
-from .two_head_embedder import _check_positive_int, check_embedding_sizes, split_heads
+from .checks import check_int
+from .two_head_embedder import check_embedding_sizes, split_heads
 
 PART_NAMES = ("class", "shared")
 
@@ -88,7 +89,7 @@ class HeadDecorrelationLoss(ModuleWithRecords):
             or not (math.isfinite(rho) and rho >= 0)
         ):
             raise ValueError(f"rho must be a finite number >= 0, got {rho!r}")
-        hidden = _check_positive_int("hidden", hidden)
+        hidden = check_int("hidden", hidden)
         if len(direction) != 2:
             raise ValueError(f"direction must be (source, target), got {direction!r}")
         self.source, self.target = (_part_index(p) for p in direction)

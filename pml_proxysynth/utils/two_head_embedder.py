@@ -1,20 +1,12 @@
 """Two-head embedder (Sharing Matters / DiVA): a class head and a shared head."""
 
-import numbers
 from typing import List, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-def _check_positive_int(name: str, value: object) -> int:
-    """``value`` as a Python int (numpy integers accepted); a clear error otherwise."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
-    return int(value)
+from .checks import check_int
 
 
 def check_embedding_sizes(embedding_sizes: Sequence[int]) -> List[int]:
@@ -22,9 +14,7 @@ def check_embedding_sizes(embedding_sizes: Sequence[int]) -> List[int]:
     sizes = list(embedding_sizes)
     if len(sizes) == 0:
         raise ValueError("embedding_sizes must not be empty")
-    return [
-        _check_positive_int(f"embedding_sizes[{i}]", x) for i, x in enumerate(sizes)
-    ]
+    return [check_int(f"embedding_sizes[{i}]", x) for i, x in enumerate(sizes)]
 
 
 def split_heads(
@@ -62,9 +52,9 @@ class TwoHeadEmbedder(nn.Module):
         bias: bool = True,
     ):
         super().__init__()
-        in_features = _check_positive_int("in_features", in_features)
-        class_size = _check_positive_int("class_size", class_size)
-        shared_size = _check_positive_int("shared_size", shared_size)
+        in_features = check_int("in_features", in_features)
+        class_size = check_int("class_size", class_size)
+        shared_size = check_int("shared_size", shared_size)
         self.in_features = in_features
         self.class_size = class_size
         self.shared_size = shared_size

@@ -153,6 +153,16 @@ class TestDistributedMPerClassSampler(unittest.TestCase):
                     )
                     self.assertEqual((sampler.num_replicas, sampler.rank), expected)
 
+    def test_numpy_integer_arguments(self):
+        sampler = DistributedMPerClassSampler(
+            make_labels(), np.int64(M), np.int32(BATCH_SIZE), np.int64(LENGTH),
+            num_replicas=np.int64(WORLD_SIZE), rank=0,
+        )  # fmt: skip
+        self.assertEqual(
+            (sampler.m, sampler.batch_size, sampler.num_replicas),
+            (M, BATCH_SIZE, WORLD_SIZE),
+        )
+
     def test_bad_arguments(self):
         labels = make_labels()
         cases = [
@@ -166,7 +176,8 @@ class TestDistributedMPerClassSampler(unittest.TestCase):
                 dict(length_before_new_iter=96.0),
                 "length_before_new_iter must be an int",
             ),
-            (dict(num_replicas=0), "num_replicas must be >= 1"),
+            (dict(num_replicas=0), "num_replicas must be an int >= 1"),
+            (dict(num_replicas=2.0), "num_replicas must be an int >= 1, got 2.0"),
             # 10 classes of m = 2 rows fill a global batch of 20 at most, not 3 x 8
             (dict(batch_size=8), r"3 ranks x batch_size 8\) needs 12 classes"),
             (dict(num_replicas=None), "process group"),

@@ -83,7 +83,7 @@ class TestTwoHeadEmbedder(unittest.TestCase):
             with self.assertRaises(ValueError):
                 TwoHeadEmbedder(8, shared_size=bad)
         for bad in (2.5, True, "8"):
-            with self.assertRaises(TypeError):
+            with self.assertRaisesRegex(ValueError, "in_features must be an int >= 1"):
                 TwoHeadEmbedder(bad)
         numpy_sized = TwoHeadEmbedder(np.int64(8), np.int32(3), np.int64(2))
         self.assertEqual(numpy_sized.embedding_sizes, [3, 2])
