@@ -198,19 +198,29 @@ PS_LOSS_DEFAULTS = {
 }
 
 
+def _finite_json(text: str) -> Any:
+    """``json.loads``, refusing NaN and (-)Infinity, which Python's json accepts and
+    a loss or dataset would take as a number."""
+
+    def refuse(constant: str):
+        raise argparse.ArgumentTypeError(f"{constant} is not a finite number: {text}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
 def _key_value(text: str) -> Tuple[str, Any]:
     key, sep, value = text.partition("=")
     if not sep or not key.isidentifier():
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
     try:
-        return key, json.loads(value)
+        return key, _finite_json(value)
     except json.JSONDecodeError:
         return key, value  # a plain string
 
 
 def _json_dict(text: str) -> Dict[str, Any]:
     try:
-        value = json.loads(text)
+        value = _finite_json(text)
     except json.JSONDecodeError as e:
         raise argparse.ArgumentTypeError(f"not valid JSON: {e}") from None
     if not isinstance(value, dict):

@@ -859,6 +859,15 @@ def test_resume_with_another_seed_of_a_subsampled_run_is_one_message(ex, cub_roo
         (["--lr", "nan"], "--lr: must be finite and > 0, got nan"),
         (["--ps-mu", "inf"], "--ps-mu: must be finite and >= 0, got inf"),
         (["--proxy-anchor-margin", "nan"], "--proxy-anchor-margin: must be finite"),
+        # json.loads takes NaN and Infinity; a loss would train with them
+        (
+            ["--loss-kwargs", '{"margin": NaN}'],
+            'argument --loss-kwargs: NaN is not a finite number: {"margin": NaN}',
+        ),
+        (
+            ["--dataset", "glyphs", "--glyphs-option", "max_classes=-Infinity"],
+            "argument --glyphs-option: -Infinity is not a finite number",
+        ),
         (["--crop-scale=-inf"], "--crop-scale: must be finite and > 0"),
         (["--batch-size", "1"], "--batch-size must be at least 2"),
         (["--image-size", "15"], "--image-size must be at least 16"),
