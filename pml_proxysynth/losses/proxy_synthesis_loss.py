@@ -16,6 +16,7 @@ from pytorch_metric_learning.reducers import (
 )
 from pytorch_metric_learning.utils import common_functions as c_f
 
+from ..utils.checks import check_bool, check_generator, is_finite_real
 from .proxy_specs import PROXY_SPECS, ProxySpec, find_proxy_spec
 
 PAIRINGS = ("random", "roll")
@@ -133,10 +134,10 @@ class ProxySynthesisLoss(BaseMetricLossFunction):
                 )
         super().__init__(**kwargs)
         self.spec: ProxySpec = find_proxy_spec(loss)
-        if not (alpha > 0 and math.isfinite(alpha)):
-            raise ValueError(f"alpha must be finite and > 0, got {alpha}")
-        if not (mu >= 0 and math.isfinite(mu)):
-            raise ValueError(f"mu must be finite and >= 0, got {mu}")
+        if not (is_finite_real(alpha) and alpha > 0):
+            raise ValueError(f"alpha must be a finite number > 0, got {alpha!r}")
+        if not (is_finite_real(mu) and mu >= 0):
+            raise ValueError(f"mu must be a finite number >= 0, got {mu!r}")
         if pairing not in PAIRINGS:
             raise ValueError(f"pairing must be one of {PAIRINGS}, got {pairing!r}")
         if lam_per not in LAMBDA_MODES:
@@ -192,9 +193,11 @@ class ProxySynthesisLoss(BaseMetricLossFunction):
         self.pairing = pairing
         self.lam_per = lam_per
         self.positive_divisor = positive_divisor
-        self.exclude_parents = bool(exclude_parents)
-        self.detach_parent_proxies = bool(detach_parent_proxies)
-        self.generator = generator
+        self.exclude_parents = check_bool("exclude_parents", exclude_parents)
+        self.detach_parent_proxies = check_bool(
+            "detach_parent_proxies", detach_parent_proxies
+        )
+        self.generator = check_generator(generator)
         self.add_to_recordable_attributes(list_of_names=["alpha", "mu"], is_stat=False)
         self.add_to_recordable_attributes(
             list_of_names=["lam", "num_synthetic_classes"], is_stat=True

@@ -9,14 +9,13 @@ authors' DiVA code; see docs algorithms.md B.4.
 
 import contextlib
 import math
-import numbers
 from typing import Optional, Tuple
 
 import torch
 from pytorch_metric_learning.distances import LpDistance
 from pytorch_metric_learning.miners import BaseMiner
 
-from ..utils.checks import check_int
+from ..utils.checks import check_generator, check_int, is_finite_real
 
 STRATEGIES = ("standard", "full", "random")
 
@@ -108,27 +107,23 @@ class SharedCharacteristicsMiner(BaseMiner):
             )
         if strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
-        if not _is_real(cutoff) or not 0 <= cutoff < 2:
+        if not is_finite_real(cutoff) or not 0 <= cutoff < 2:
             raise ValueError(f"cutoff must be a number in [0, 2), got {cutoff!r}")
         if nonzero_loss_cutoff is not None and (
-            not _is_real(nonzero_loss_cutoff) or not nonzero_loss_cutoff > cutoff
+            not is_finite_real(nonzero_loss_cutoff) or not nonzero_loss_cutoff > cutoff
         ):
             raise ValueError(
                 "nonzero_loss_cutoff must be None or a number > cutoff "
                 f"({cutoff}), got {nonzero_loss_cutoff!r}"
             )
         triplets_per_anchor = check_int("triplets_per_anchor", triplets_per_anchor)
-        if generator is not None and not isinstance(generator, torch.Generator):
-            raise ValueError(
-                f"generator must be a torch.Generator or None, got {type(generator)}"
-            )
         self.strategy = strategy
         self.cutoff = float(cutoff)
         self.nonzero_loss_cutoff = (
             None if nonzero_loss_cutoff is None else float(nonzero_loss_cutoff)
         )
         self.triplets_per_anchor = triplets_per_anchor
-        self.generator = generator
+        self.generator = check_generator(generator)
         self.add_to_recordable_attributes(
             list_of_names=["cutoff", "triplets_per_anchor"], is_stat=False
         )
@@ -392,14 +387,6 @@ def _check_finite(x: torch.Tensor, name: str) -> None:
             f"SharedCharacteristicsMiner: {name} contain NaN or Inf values; "
             "distance-weighted sampling needs finite embeddings"
         )
-
-
-def _is_real(x) -> bool:
-    return (
-        isinstance(x, numbers.Real)
-        and not isinstance(x, bool)
-        and math.isfinite(float(x))
-    )
 
 
 def _empty_triplets(device: torch.device) -> Tuple[torch.Tensor, ...]:

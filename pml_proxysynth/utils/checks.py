@@ -1,6 +1,11 @@
 """Argument checks shared by the package's classes."""
 
+import math
 import numbers
+from typing import Optional
+
+import numpy as np
+import torch
 
 
 def check_int(name: str, value: object, minimum: int = 1) -> int:
@@ -13,3 +18,28 @@ def check_int(name: str, value: object, minimum: int = 1) -> int:
     if value < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value}")
     return int(value)
+
+
+def is_finite_real(value: object) -> bool:
+    """True for a finite real number (numpy scalars included), False for bools,
+    strings, NaN, inf and anything else."""
+    return (
+        isinstance(value, numbers.Real)
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+    )
+
+
+def check_bool(name: str, value: object) -> bool:
+    """``value`` as a bool (numpy bools accepted), or a ``ValueError`` naming the
+    argument: ``bool("no")`` would silently be True."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+    return bool(value)
+
+
+def check_generator(value: object) -> Optional[torch.Generator]:
+    """``value`` if it is None or a ``torch.Generator``, else a ``ValueError``."""
+    if value is not None and not isinstance(value, torch.Generator):
+        raise ValueError(f"generator must be a torch.Generator or None, got {value!r}")
+    return value

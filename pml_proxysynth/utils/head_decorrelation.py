@@ -1,7 +1,5 @@
 """Adversarial decorrelation of two embedding heads (DiVA / MIC style, algorithms.md B.6)."""
 
-import math
-import numbers
 from collections import OrderedDict
 from typing import Sequence, Tuple, Union
 
@@ -10,7 +8,7 @@ import torch.nn.functional as F
 from pytorch_metric_learning.utils.module_with_records import ModuleWithRecords
 from torch import nn
 
-from .checks import check_int
+from .checks import check_int, is_finite_real
 from .two_head_embedder import check_embedding_sizes, split_heads
 
 PART_NAMES = ("class", "shared")
@@ -83,11 +81,7 @@ class HeadDecorrelationLoss(ModuleWithRecords):
             raise ValueError(
                 f"embedding_sizes must have 2 entries (class, shared), got {self.embedding_sizes}"
             )
-        if (
-            not isinstance(rho, numbers.Real)
-            or isinstance(rho, bool)
-            or not (math.isfinite(rho) and rho >= 0)
-        ):
+        if not (is_finite_real(rho) and rho >= 0):
             raise ValueError(f"rho must be a finite number >= 0, got {rho!r}")
         hidden = check_int("hidden", hidden)
         if len(direction) != 2:

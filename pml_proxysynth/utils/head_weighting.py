@@ -7,7 +7,6 @@ embeddings, so evaluating k weightings costs k forward passes over the test data
 """
 
 import copy
-import math
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
@@ -15,6 +14,7 @@ import torch.nn.functional as F
 from pytorch_metric_learning.testers.base_tester import BaseTester
 from torch import nn
 
+from .checks import is_finite_real
 from .two_head_embedder import check_embedding_sizes, split_heads
 
 DEFAULT_WEIGHTINGS: Dict[str, Sequence[float]] = {
@@ -47,15 +47,16 @@ class HeadWeighting(nn.Module):
     ):
         super().__init__()
         self.embedding_sizes = check_embedding_sizes(embedding_sizes)
-        weights = [float(w) for w in weights]
+        weights = list(weights)
         if len(weights) != len(self.embedding_sizes):
             raise ValueError(
                 f"need one weight per part ({len(self.embedding_sizes)}), got {weights}"
             )
-        if not all(math.isfinite(w) and w >= 0 for w in weights) or not any(weights):
+        if not all(is_finite_real(w) and w >= 0 for w in weights) or not any(weights):
             raise ValueError(
-                f"weights must be finite, >= 0 and not all 0, got {weights}"
+                f"weights must be finite numbers, >= 0 and not all 0, got {weights}"
             )
+        weights = [float(w) for w in weights]
         self.embedder = nn.Identity() if embedder is None else embedder
         self.weights = weights
         self.normalize_parts = normalize_parts

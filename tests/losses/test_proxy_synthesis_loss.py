@@ -1336,12 +1336,19 @@ class TestBadInput(unittest.TestCase):
     def test_hyperparameters(self):
         inner = losses.ProxyAnchorLoss(4, EMBEDDING_SIZE)
         for kwargs, message in (
-            ({"alpha": 0}, "alpha must be finite and > 0"),
-            ({"alpha": float("nan")}, "alpha must be finite and > 0"),
-            ({"alpha": float("inf")}, "alpha must be finite and > 0, got inf"),
-            ({"mu": -0.5}, "mu must be finite and >= 0"),
-            ({"mu": float("nan")}, "mu must be finite and >= 0"),
-            ({"mu": float("inf")}, "mu must be finite and >= 0, got inf"),
+            ({"alpha": 0}, "alpha must be a finite number > 0"),
+            ({"alpha": float("nan")}, "alpha must be a finite number > 0"),
+            ({"alpha": float("inf")}, "alpha must be a finite number > 0, got inf"),
+            ({"alpha": "0.4"}, "alpha must be a finite number > 0, got '0.4'"),
+            ({"alpha": True}, "alpha must be a finite number > 0, got True"),
+            ({"mu": -0.5}, "mu must be a finite number >= 0"),
+            ({"mu": float("nan")}, "mu must be a finite number >= 0"),
+            ({"mu": float("inf")}, "mu must be a finite number >= 0, got inf"),
+            ({"mu": None}, "mu must be a finite number >= 0, got None"),
+            # bool("no") is True: a switch must be a bool
+            ({"exclude_parents": "no"}, "exclude_parents must be True or False"),
+            ({"detach_parent_proxies": None}, "detach_parent_proxies must be True or"),
+            ({"generator": 0}, "generator must be a torch.Generator or None, got 0"),
             ({"pairing": "shuffle"}, "pairing must be one of"),
             ({"lam_per": "sample"}, "lam_per must be one of"),
             # the inner loss's would be used: never silently ignored

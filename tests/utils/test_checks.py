@@ -1,8 +1,15 @@
+import math
 import unittest
 
 import numpy as np
+import torch
 
-from pml_proxysynth.utils.checks import check_int
+from pml_proxysynth.utils.checks import (
+    check_bool,
+    check_generator,
+    check_int,
+    is_finite_real,
+)
 
 
 class TestCheckInt(unittest.TestCase):
@@ -34,6 +41,28 @@ class TestCheckInt(unittest.TestCase):
                     ValueError, rf"^size must be an int >= {minimum}, got {shown}$"
                 ):
                     check_int("size", value, minimum)
+
+
+class TestOtherChecks(unittest.TestCase):
+    def test_is_finite_real(self):
+        for value in (0, -3, 2.5, np.float32(0.5), np.int64(4)):
+            self.assertTrue(is_finite_real(value), value)
+        for value in (True, "1", None, math.nan, -math.inf, np.float64("nan"), [1]):
+            self.assertFalse(is_finite_real(value), value)
+
+    def test_check_bool(self):
+        self.assertIs(check_bool("flag", np.bool_(True)), True)
+        self.assertIs(check_bool("flag", False), False)
+        for value in ("no", 0, None):
+            with self.assertRaisesRegex(ValueError, "^flag must be True or False"):
+                check_bool("flag", value)
+
+    def test_check_generator(self):
+        generator = torch.Generator()
+        self.assertIs(check_generator(generator), generator)
+        self.assertIsNone(check_generator(None))
+        with self.assertRaisesRegex(ValueError, "torch.Generator or None, got 0"):
+            check_generator(0)
 
 
 if __name__ == "__main__":

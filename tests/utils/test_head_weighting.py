@@ -2,6 +2,7 @@ import logging
 import math
 import unittest
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from pytorch_metric_learning.testers import GlobalEmbeddingSpaceTester
@@ -106,9 +107,12 @@ class TestHeadWeighting(unittest.TestCase):
         )
 
     def test_validation(self):
-        for weights in [(1,), (1, 1, 1), (0, 0), (1, -1), (1, math.nan), (math.inf, 1)]:
+        for weights in [(1,), (1, 1, 1), (0, 0), (1, -1), (1, math.nan), (math.inf, 1),
+                        ("1", 0.5), (True, 0.5)]:  # fmt: skip
             with self.assertRaises(ValueError, msg=str(weights)):
                 HeadWeighting(None, [2, 2], weights)
+        weighting = HeadWeighting(None, [2, 2], (np.float32(1), 0))
+        self.assertEqual(weighting.weights, [1.0, 0.0])
         with self.assertRaises(ValueError):
             HeadWeighting(None, [2, 2], (1, 1))(torch.randn(3, 5))
 
