@@ -163,6 +163,8 @@ def _resolve_fonts(
         raise ValueError("font_files must be a sequence of file names, not a string")
     paths: list[Path] = []
     for name in names:
+        if not isinstance(name, str):
+            raise ValueError(f"font_files: {name!r} is not a file name (a str)")
         reason = font_exclusion_reason(name)
         if reason is not None:
             raise ValueError(f"font_files: {name!r} is excluded: {reason}")
@@ -658,6 +660,11 @@ def _corrupt_message(path: Path, error: BaseException) -> str:
 
 
 def _parse_characters(characters: Union[str, Iterable[Union[str, int]]]) -> set[int]:
+    if not isinstance(characters, Iterable):
+        raise ValueError(
+            f"characters must be a string or an iterable of characters and code "
+            f"points, got {characters!r}"
+        )
     out = set()
     for ch in characters:
         if isinstance(ch, str) and len(ch) == 1:

@@ -60,8 +60,13 @@ class DistributedMPerClassSampler(Sampler[int]):
             "length_before_new_iter", length_before_new_iter
         )
         num_replicas = check_int("num_replicas", num_replicas)
-        if not 0 <= rank < num_replicas:
+        rank = check_int("rank", rank, 0)
+        if rank >= num_replicas:
             raise ValueError(f"rank must lie in [0, {num_replicas}), got {rank}")
+        # numpy's RandomState takes seed words in [0, 2**32)
+        seed = check_int("seed", seed, 0)
+        if seed >= 2**32:
+            raise ValueError(f"seed must be < 2**32, got {seed}")
         if batch_size % m:
             raise ValueError(
                 f"batch_size ({batch_size}) must be a multiple of m ({m}), so that each "

@@ -537,6 +537,10 @@ class TestErrors(TempRootCase):
         self.assert_value_error("augmentations_per_font", augmentations_per_font=True)
         self.assert_value_error("max_classes", max_classes=2.5)
         self.assert_value_error("nope.ttf", font_files=["nope.ttf"])
+        self.assert_value_error("font_files: 1 is not a file name", font_files=[1])
+        self.assert_value_error(
+            "characters must be a string or an iterable", characters=5
+        )
         self.assert_value_error("extra_font_dirs", extra_font_dirs="/no/such/dir")
         self.assert_value_error("min_fonts", characters="AΑ")  # 1 class left
         self.assertEqual(list(Path(self.root).iterdir()), [])

@@ -169,7 +169,7 @@ class TestDistributedMPerClassSampler(unittest.TestCase):
             (dict(batch_size=5), "multiple of m"),
             (dict(length_before_new_iter=2), "at least batch_size"),
             (dict(rank=3), r"rank must lie in \[0, 3\)"),
-            (dict(rank=-1), r"rank must lie in \[0, 3\)"),
+            (dict(rank=-1), "rank must be an int >= 0, got -1"),
             (dict(m=0), "m must be an int >= 1"),
             (dict(batch_size=0), "batch_size must be an int >= 1"),
             (
@@ -178,6 +178,11 @@ class TestDistributedMPerClassSampler(unittest.TestCase):
             ),
             (dict(num_replicas=0), "num_replicas must be an int >= 1"),
             (dict(num_replicas=2.0), "num_replicas must be an int >= 1, got 2.0"),
+            (dict(rank=1.0), "rank must be an int >= 0, got 1.0"),
+            (dict(rank=True), "rank must be an int >= 0, got True"),
+            (dict(seed=-1), "seed must be an int >= 0, got -1"),
+            (dict(seed="3"), "seed must be an int >= 0, got '3'"),
+            (dict(seed=2**32), r"seed must be < 2\*\*32"),
             # 10 classes of m = 2 rows fill a global batch of 20 at most, not 3 x 8
             (dict(batch_size=8), r"3 ranks x batch_size 8\) needs 12 classes"),
             (dict(num_replicas=None), "process group"),
