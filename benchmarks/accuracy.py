@@ -704,13 +704,13 @@ def main(argv: Sequence[str] = None) -> int:
     name = args.dataset + ("-proxy-anchor-sweep" if args.sweep else "")
     name += "-quick" if args.quick else ""
     results_dir = Path(args.results_dir)
-    results_dir.mkdir(parents=True, exist_ok=True)
     csv_path = results_dir / f"{name}.csv"
     done = read_done(csv_path)
     todo = [(r, s) for r in rows for s in args.seeds if (r.method, s) not in done]
     try:  # before anything is written: the protocol is claimed by valid flags only
         for r, s in todo:
             check_flags(r, args.dataset, s, extra)
+        results_dir.mkdir(parents=True, exist_ok=True)
         claim_protocol(csv_path.with_suffix(".protocol"), " ".join(protocol))
     except ValueError as e:
         parser.error(str(e))

@@ -33,7 +33,7 @@ from matplotlib.ft2font import FT2Font
 from PIL import Image, ImageDraw, ImageFont
 from torch.utils.data import Dataset
 
-from ..utils.checks import check_int
+from ..utils.checks import check_int, is_finite_real
 
 __all__ = [
     "DEFAULT_FONT_FILES",
@@ -761,13 +761,7 @@ class Glyphs(Dataset):
         min_fonts = check_int("min_fonts", min_fonts, 1)
         if max_classes is not None:
             max_classes = check_int("max_classes", max_classes, 2)
-        if (
-            isinstance(homoglyph_threshold, bool)
-            or not isinstance(
-                homoglyph_threshold, (int, float, np.integer, np.floating)
-            )
-            or not 0.0 <= homoglyph_threshold < 1.0
-        ):
+        if not (is_finite_real(homoglyph_threshold) and 0 <= homoglyph_threshold < 1):
             raise ValueError(
                 f"homoglyph_threshold must be in [0, 1), got {homoglyph_threshold!r}"
             )

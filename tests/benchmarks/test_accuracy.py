@@ -86,7 +86,7 @@ def test_flags_the_example_refuses_stop_it_before_anything_is_written(
     is a usage error naming the row and the example's message, and claims no
     protocol (which would refuse the corrected command in that folder)."""
     monkeypatch.setattr(bench, "run_one", fake_run_one)
-    argv = ["--results-dir", str(tmp_path), "--seeds", "0", "--jobs", "1"]
+    argv = ["--results-dir", str(tmp_path / "new"), "--seeds", "0", "--jobs", "1"]
     for extra, message in [
         (["--bogus"], "unrecognized arguments: --bogus"),
         (["--num-threads", "-1"], "argument --num-threads: must be >= 0, got -1"),
