@@ -20,10 +20,20 @@ def project_2d(x, seed: int = 0, method: str = "tsne") -> Tuple[np.ndarray, str]
     """[N, D] -> ([N, 2], method used): t-SNE with scikit-learn, else (or if asked) PCA.
 
     ``seed`` is t-SNE's ``random_state``; with its PCA initialisation, current
-    scikit-learn (1.9) gives the same map for every seed."""
-    x = np.asarray(x.detach().cpu() if isinstance(x, torch.Tensor) else x, np.float32)
+    scikit-learn (1.9) gives the same map for every seed. Rows that are all the same
+    (a collapsed model) go to PCA, which maps them to the origin: t-SNE's PCA
+    initialisation divides by their zero spread, and scikit-learn 1.9 then crashes
+    the process (a segmentation fault)."""
+    if isinstance(x, torch.Tensor):
+        x = x.detach().float().cpu()  # numpy has no bfloat16
+    x = np.asarray(x, np.float32)
+    if x.ndim != 2:
+        raise ValueError(f"embeddings must have shape [N, D], got {list(x.shape)}")
+    if not np.isfinite(x).all():
+        raise ValueError("embeddings contain NaN or inf")
+    centred = x - x.mean(axis=0)
     # t-SNE's PCA initialisation needs 2 features; 1-D rows go to the padded PCA
-    if method == "tsne" and len(x) >= 5 and x.shape[1] >= 2:
+    if method == "tsne" and len(x) >= 5 and x.shape[1] >= 2 and centred.any():
         try:
             from sklearn.manifold import TSNE
         except ImportError:
@@ -32,7 +42,6 @@ def project_2d(x, seed: int = 0, method: str = "tsne") -> Tuple[np.ndarray, str]
             perplexity = float(min(30.0, (len(x) - 1) / 3))
             tsne = TSNE(2, init="pca", perplexity=perplexity, random_state=seed)
             return tsne.fit_transform(x), "t-SNE"
-    centred = x - x.mean(axis=0)
     _, _, vt = np.linalg.svd(centred, full_matrices=False)
     points = centred @ vt[:2].T
     if points.shape[1] < 2:
@@ -100,11 +109,17 @@ def plot_embeddings(
 
     Returns the projection method ("t-SNE" or "PCA").
     """
-    points, method = project_2d(embeddings, seed)
     labels = np.asarray(labels.cpu() if isinstance(labels, torch.Tensor) else labels)
+    labels = labels.reshape(-1)
+    if len(labels) != len(embeddings):
+        raise ValueError(
+            f"need one label per embedding, got {len(labels)} labels for "
+            f"{len(embeddings)} embeddings"
+        )
+    points, method = project_2d(embeddings, seed)
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 6))
-    _scatter_classes(ax, points, labels.reshape(-1), size=14)
+    _scatter_classes(ax, points, labels, size=14)
     ax.set_title(f"{title} ({method})", fontsize="medium")
     ax.legend(fontsize="x-small", ncol=2, title="class")
     fig.tight_layout()

@@ -1,3 +1,4 @@
+import subprocess
 import sys
 
 import numpy as np
@@ -43,6 +44,45 @@ def test_project_2d_of_one_dimensional_rows():
     centred = (x[:, 0] - x[:, 0].mean()).numpy()
     np.testing.assert_allclose(np.abs(points[:, 0]), np.abs(centred), rtol=1e-5)
     np.testing.assert_array_equal(points[:, 1], 0)
+
+
+def test_project_2d_of_identical_rows_in_a_child_process():
+    """All rows the same (a collapsed model): PCA to the origin. t-SNE's PCA
+    initialisation would divide by their zero spread, and scikit-learn then crashes
+    the process (SIGSEGV), so the call runs in a child process."""
+    code = (
+        "import numpy as np, torch\n"
+        "from pml_proxysynth.utils.figures import project_2d\n"
+        "for x in (torch.ones(12, 4), torch.zeros(5, 2)):\n"
+        "    points, method = project_2d(x)\n"
+        "    assert method == 'PCA' and points.shape == (len(x), 2), method\n"
+        "    assert not points.any()\n"
+        "print('ok')\n"
+    )
+    child = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120
+    )
+    assert (child.returncode, child.stdout.strip()) == (0, "ok"), child.stderr
+
+
+def test_project_2d_bad_input_and_half_precision():
+    x = torch.randn(12, 4, generator=torch.Generator().manual_seed(0))
+    expected, _ = project_2d(x, method="pca")
+    points, _ = project_2d(x.bfloat16(), method="pca")  # numpy has no bfloat16
+    np.testing.assert_allclose(
+        points, project_2d(x.bfloat16().float(), method="pca")[0]
+    )
+    assert np.abs(points - expected).max() < 0.1
+    with pytest.raises(ValueError, match=r"shape \[N, D\], got \[12\]"):
+        project_2d(x[:, 0])
+    x[3, 1] = float("nan")
+    with pytest.raises(ValueError, match="NaN or inf"):
+        project_2d(x)
+
+
+def test_plot_embeddings_needs_one_label_per_row(tmp_path):
+    with pytest.raises(ValueError, match="got 11 labels for 12 embeddings"):
+        plot_embeddings(torch.randn(12, 4), torch.arange(11), str(tmp_path / "e.png"))
 
 
 def test_figures_are_written(tmp_path):
