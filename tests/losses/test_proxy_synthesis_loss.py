@@ -1419,6 +1419,28 @@ class TestBadInput(unittest.TestCase):
         syn = wrapper.synthesize(big, torch.arange(32) % 4)
         self.assertTrue(torch.isfinite(syn.embeddings).all())
 
+    def test_float16_rows_of_any_finite_norm(self):
+        """float16 rows with a tiny (< 1.5e-5, whose reciprocal overflows) or a huge
+        (> 65504) norm give the loss of the same rows at a normal scale, not NaN: the
+        scale of an embedding does not matter once it is normalised."""
+        # small integers times powers of 2: exact in float16 at every scale below
+        base = torch.randint(
+            -8, 9, (32, 64), generator=torch.Generator().manual_seed(1)
+        )
+        labels = torch.arange(32) % 4
+        wrapper = ProxySynthesisLoss(losses.ProxyAnchorLoss(4, 64, alpha=8))
+
+        def loss_at(scale):
+            torch.manual_seed(0)
+            return wrapper((base * scale).half(), labels)
+
+        expected = loss_at(2.0**-4)
+        self.assertTrue(torch.isfinite(expected))
+        # norms of about 2.5e-6 and 9e4
+        for scale in (2.0**-24, 2.0**11):
+            with self.subTest(scale=scale):
+                torch.testing.assert_close(loss_at(scale), expected, rtol=2e-2, atol=0)
+
     def test_reducers_that_cannot_reduce_the_enlarged_set(self):
         """An inner DoNothingReducer returns the loss dict, not a loss (the wrapper's
         own reducer failed on it with an AttributeError, also in eval mode), and an
