@@ -33,7 +33,7 @@ from matplotlib.ft2font import FT2Font
 from PIL import Image, ImageDraw, ImageFont
 from torch.utils.data import Dataset
 
-from ..utils.checks import check_int, is_finite_real
+from ..utils.checks import check_bool, check_int, is_finite_real
 
 __all__ = [
     "DEFAULT_FONT_FILES",
@@ -752,6 +752,7 @@ class Glyphs(Dataset):
     ) -> None:
         if split not in SPLITS:
             raise ValueError(f"split={split!r} is not one of {', '.join(SPLITS)}")
+        download = check_bool("download", download)
         image_size = check_int("image_size", image_size, 8)
         augmentations_per_font = check_int(
             "augmentations_per_font", augmentations_per_font, 0

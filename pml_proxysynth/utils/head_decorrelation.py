@@ -1,5 +1,6 @@
 """Adversarial decorrelation of two embedding heads (DiVA / MIC style, algorithms.md B.6)."""
 
+import numbers
 from collections import OrderedDict
 from typing import Sequence, Tuple, Union
 
@@ -38,7 +39,11 @@ def _part_index(part: Union[str, int]) -> int:
                 f"direction entries must be one of {PART_NAMES}, got {part!r}"
             )
         return PART_NAMES.index(part)
-    if isinstance(part, bool) or not isinstance(part, int) or part not in (0, 1):
+    if (
+        isinstance(part, bool)
+        or not isinstance(part, numbers.Integral)
+        or part not in (0, 1)
+    ):
         raise ValueError(
             f"direction entries must be 'class', 'shared', 0 or 1, got {part!r}"
         )
@@ -84,7 +89,8 @@ class HeadDecorrelationLoss(ModuleWithRecords):
         if not (is_finite_real(rho) and rho >= 0):
             raise ValueError(f"rho must be a finite number >= 0, got {rho!r}")
         hidden = check_int("hidden", hidden)
-        if len(direction) != 2:
+        # a sequence: a set's order (which head predicts which) would vary by run
+        if not isinstance(direction, (tuple, list)) or len(direction) != 2:
             raise ValueError(f"direction must be (source, target), got {direction!r}")
         self.source, self.target = (_part_index(p) for p in direction)
         if self.source == self.target:
@@ -114,6 +120,9 @@ class HeadDecorrelationLoss(ModuleWithRecords):
         parts = split_heads(embeddings, self.embedding_sizes)
         s = F.normalize(gradient_reversal(parts[self.source]), dim=-1)
         t = F.normalize(gradient_reversal(parts[self.target]), dim=-1)
+        # in the regressor's dtype: float64 or float16 embeddings outside autocast
+        # would not multiply with its float32 weights
+        s = s.to(self.regressor.hidden.weight.dtype)
         prediction = F.normalize(self.regressor(s), dim=-1)
         products = (t * prediction).pow(2)
         # an empty batch gives 0 (as PML's losses do), not the NaN of an empty mean

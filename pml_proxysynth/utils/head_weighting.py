@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from pytorch_metric_learning.testers.base_tester import BaseTester
 from torch import nn
 
-from .checks import is_finite_real
+from .checks import check_bool, is_finite_real
 from .two_head_embedder import check_embedding_sizes, split_heads
 
 DEFAULT_WEIGHTINGS: Dict[str, Sequence[float]] = {
@@ -59,7 +59,7 @@ class HeadWeighting(nn.Module):
         weights = [float(w) for w in weights]
         self.embedder = nn.Identity() if embedder is None else embedder
         self.weights = weights
-        self.normalize_parts = normalize_parts
+        self.normalize_parts = check_bool("normalize_parts", normalize_parts)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         parts = split_heads(self.embedder(x), self.embedding_sizes)

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checks import check_int
+from .checks import check_bool, check_int
 
 
 def check_embedding_sizes(embedding_sizes: Sequence[int]) -> List[int]:
@@ -58,6 +58,7 @@ class TwoHeadEmbedder(nn.Module):
         self.in_features = in_features
         self.class_size = class_size
         self.shared_size = shared_size
+        bias = check_bool("bias", bias)
         self.class_head = nn.Linear(in_features, class_size, bias=bias)
         self.shared_head = nn.Linear(in_features, shared_size, bias=bias)
 

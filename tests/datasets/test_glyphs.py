@@ -538,6 +538,7 @@ class TestErrors(TempRootCase):
         self.assert_value_error("max_classes", max_classes=2.5)
         self.assert_value_error("nope.ttf", font_files=["nope.ttf"])
         self.assert_value_error("font_files: 1 is not a file name", font_files=[1])
+        self.assert_value_error("download must be True or False", download="no")
         self.assert_value_error(
             "characters must be a string or an iterable", characters=5
         )

@@ -180,6 +180,18 @@ class TestHeadDecorrelationLoss(unittest.TestCase):
                         sizes, direction, source, target, dtype
                     )
 
+    def test_embeddings_in_another_dtype_than_the_regressor(self):
+        loss_func = HeadDecorrelationLoss([3, 3], rho=1.0)
+        x = torch.randn(8, 6, generator=torch.Generator().manual_seed(0))
+        expected = loss_func(x)
+        for dtype in (torch.float64, torch.float16, torch.bfloat16):
+            with self.subTest(dtype=dtype):
+                emb = x.to(dtype).requires_grad_()
+                loss = loss_func(emb)
+                loss.backward()
+                self.assertEqual(emb.grad.dtype, dtype)
+                torch.testing.assert_close(loss.float(), expected, rtol=2e-2, atol=1e-3)
+
     def test_default_direction_and_regressor_shape(self):
         loss_func = HeadDecorrelationLoss([6, 2])
         self.assertEqual(loss_func.direction, ("shared", "class"))
@@ -230,12 +242,17 @@ class TestHeadDecorrelationLoss(unittest.TestCase):
             {"embedding_sizes": [3, 3], "direction": ("shared", "other")},
             {"embedding_sizes": [3, 3], "direction": ("shared",)},
             {"embedding_sizes": [3, 3], "direction": (0, 2)},
+            {"embedding_sizes": [3, 3], "direction": {"class", "shared"}},
         ]
         for kwargs in bad_kwargs:
             with self.assertRaises(ValueError, msg=str(kwargs)):
                 HeadDecorrelationLoss(**kwargs)
         with self.assertRaises(ValueError):
             HeadDecorrelationLoss([3, 3])(torch.randn(4, 7))
+        numpy_parts = HeadDecorrelationLoss(
+            [3, 3], direction=(np.int64(1), np.int64(0))
+        )
+        self.assertEqual((numpy_parts.source, numpy_parts.target), (1, 0))
 
 
 class TestDecorrelatedCascadedEmbeddings(unittest.TestCase):

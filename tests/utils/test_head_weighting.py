@@ -111,6 +111,10 @@ class TestHeadWeighting(unittest.TestCase):
                         ("1", 0.5), (True, 0.5)]:  # fmt: skip
             with self.assertRaises(ValueError, msg=str(weights)):
                 HeadWeighting(None, [2, 2], weights)
+        with self.assertRaisesRegex(
+            ValueError, "normalize_parts must be True or False"
+        ):
+            HeadWeighting(None, [2, 2], (1, 1), normalize_parts="no")
         weighting = HeadWeighting(None, [2, 2], (np.float32(1), 0))
         self.assertEqual(weighting.weights, [1.0, 0.0])
         with self.assertRaises(ValueError):

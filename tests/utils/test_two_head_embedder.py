@@ -85,6 +85,8 @@ class TestTwoHeadEmbedder(unittest.TestCase):
         for bad in (2.5, True, "8"):
             with self.assertRaisesRegex(ValueError, "in_features must be an int >= 1"):
                 TwoHeadEmbedder(bad)
+        with self.assertRaisesRegex(ValueError, "bias must be True or False"):
+            TwoHeadEmbedder(8, bias="no")  # bool("no") is True: a bias
         numpy_sized = TwoHeadEmbedder(np.int64(8), np.int32(3), np.int64(2))
         self.assertEqual(numpy_sized.embedding_sizes, [3, 2])
         self.assertIs(type(numpy_sized.in_features), int)
