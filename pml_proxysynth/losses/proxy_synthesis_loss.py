@@ -2,6 +2,7 @@
 
 import contextlib
 import math
+import warnings
 from typing import Iterable, Iterator, NamedTuple, Optional, Tuple
 
 import torch
@@ -59,7 +60,9 @@ class ProxySynthesisLoss(BaseMetricLossFunction):
         mu: synthetic classes per real sample; >= 0 (0 turns synthesis off).
         pairing: "random" pairs each row with a random row of another class (works for any
             batch, e.g. MPerClassSampler's; with mu > 1 a row's partners are distinct
-            while it has enough other-class rows); "roll" is the official pairing of row
+            while it has enough other-class rows, and repeat after that, with a
+            warning under ``lam_per="batch"``, where a repeated pair is a duplicate
+            synthetic class); "roll" is the official pairing of row
             i with row i-1 (then i-2, ... when mu > 1) and raises if a pair shares a
             class.
         lam_per: "batch" draws one lam per batch (the paper); "pair" one per synthetic row.
@@ -513,6 +516,16 @@ class ProxySynthesisLoss(BaseMetricLossFunction):
             num_other = other.sum(dim=1)[first]
             round_of_pair = torch.arange(num_pairs, device=device) // batch_size
             partner = ranked[first, round_of_pair % num_other]
+            if self.lam_per == "batch" and bool((round_of_pair >= num_other).any()):
+                warnings.warn(
+                    f"ProxySynthesisLoss: {num_pairs} synthetic classes (mu={self.mu}, "
+                    f"batch size {batch_size}) pair some rows with more partners than "
+                    "they have rows of other classes, so some pairs repeat; with one "
+                    "lam per batch each repeat is a duplicate synthetic class (the same "
+                    "row and proxy under two labels). Use a smaller mu, larger or more "
+                    "class-balanced batches, or lam_per='pair'.",
+                    stacklevel=2,
+                )
         return torch.stack([first, partner], dim=1).to(labels.device)
 
     def _draw_lam(

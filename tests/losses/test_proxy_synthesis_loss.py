@@ -4,6 +4,7 @@ import functools
 import itertools
 import math
 import unittest
+import warnings
 from unittest import mock
 
 import numpy as np
@@ -675,13 +676,24 @@ class TestPairing(unittest.TestCase):
         # row 3 has three, one per round
         labels = torch.tensor([0, 0, 0, 1])
         for _ in range(20):
-            pairs = wrapper._draw_pairs(labels, 12).tolist()
+            with self.assertWarnsRegex(UserWarning, "some pairs repeat"):
+                pairs = wrapper._draw_pairs(labels, 12).tolist()
             for i in range(3):
                 self.assertEqual([q for p, q in pairs if p == i], [3, 3, 3])
             self.assertEqual(sorted(q for p, q in pairs if p == 3), [0, 1, 2])
         # B = 2: the only pairs there are, alternately
-        pairs = wrapper._draw_pairs(torch.tensor([0, 1]), 6).tolist()
+        with self.assertWarnsRegex(UserWarning, "duplicate synthetic class"):
+            pairs = wrapper._draw_pairs(torch.tensor([0, 1]), 6).tolist()
         self.assertEqual(sorted(pairs), [[0, 1]] * 3 + [[1, 0]] * 3)
+        # no warning where no pair repeats, nor with one lam per pair (then a
+        # repeated pair is mixed with another weight: another synthetic class)
+        per_pair = ProxySynthesisLoss(
+            losses.ProxyAnchorLoss(4, EMBEDDING_SIZE), mu=3.0, lam_per="pair"
+        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            wrapper._draw_pairs(torch.arange(16) % 4, 48)
+            per_pair._draw_pairs(torch.tensor([0, 1]), 6)
 
     def test_roll_pairs_with_predecessors(self):
         labels = torch.tensor([0, 1, 2, 0, 1, 2])
