@@ -191,6 +191,7 @@ class ProxySynthesisLoss(BaseMetricLossFunction):
                 f"pairs out of its similarity matrix); got {type(loss).__name__}{why}"
             )
         self.loss = loss
+        self._num_classes()  # an inner loss inconsistent with its proxies: an error now
         self.alpha = float(alpha)
         self.mu = float(mu)
         self.pairing = pairing
@@ -383,6 +384,30 @@ class ProxySynthesisLoss(BaseMetricLossFunction):
         k = self._centers_per_class()
         return rows.reshape(rows.shape[0] // k, k, rows.shape[1])
 
+    def _num_classes(self) -> int:
+        """C, from the proxy Parameter; a ValueError if the inner loss's class-count
+        attributes (or its centres per class) disagree with it, e.g. changed after
+        construction: its own call would then index past its proxies."""
+        param = getattr(self.loss, self.spec.param)
+        num_proxies = param.shape[0] if self.spec.classes_on_rows else param.shape[1]
+        k = self._centers_per_class()
+        name = type(self.loss).__name__
+        if num_proxies % k:
+            raise ValueError(
+                f"{name} has {num_proxies} proxies, not a multiple of its "
+                f"{self.spec.centers_attr} ({k})"
+            )
+        num_classes = num_proxies // k
+        for attr in self.spec.class_count_attrs:
+            value = getattr(self.loss, attr)
+            count = len(value) if torch.is_tensor(value) else value
+            if count != num_classes:
+                raise ValueError(
+                    f"{name}.{attr} is for {count} classes, but its {num_proxies} "
+                    f"proxies ({self.spec.param}) are for {num_classes}"
+                )
+        return num_classes
+
     def _check_inputs(self, embeddings: torch.Tensor, labels: torch.Tensor) -> None:
         c_f.check_shapes(embeddings, labels)
         param = getattr(self.loss, self.spec.param)
@@ -394,7 +419,7 @@ class ProxySynthesisLoss(BaseMetricLossFunction):
             )
         if labels.dtype.is_floating_point or labels.dtype == torch.bool:
             raise ValueError(f"labels must be integers, got dtype {labels.dtype}")
-        num_classes = param.numel() // dim // self._centers_per_class()
+        num_classes = self._num_classes()
         if len(labels):
             # as int64: aminmax has no kernel for uint16/32/64 (uint64 above the int64
             # range wraps to negative, and is reported as out of range)

@@ -1431,6 +1431,35 @@ class TestBadInput(unittest.TestCase):
         syn = wrapper.synthesize(big, torch.arange(32) % 4)
         self.assertTrue(torch.isfinite(syn.embeddings).all())
 
+    def test_class_count_attributes_that_disagree_with_the_proxies(self):
+        """An inner loss whose class count (or centres per class) no longer matches
+        its proxies, e.g. changed after construction, indexed past its proxies in its
+        own call (an IndexError in eval mode) or was reshaped wrongly: a ValueError
+        naming the attribute, at construction and on every call."""
+        emb, labels = torch.randn(8, EMBEDDING_SIZE), torch.arange(8) % 3
+        cases = [
+            (losses.ArcFaceLoss, {}, "num_classes", 2, "ArcFaceLoss.num_classes is for 2"),
+            (losses.ProxyNCALoss, {}, "proxy_labels", torch.arange(4),
+             "ProxyNCALoss.proxy_labels is for 4 classes, but its 5 proxies"),
+            (losses.SubCenterArcFaceLoss, {"sub_centers": 2}, "sub_centers", 3,
+             "10 proxies, not a multiple of its sub_centers \\(3\\)"),
+            (losses.SoftTripleLoss, {"centers_per_class": 2}, "centers_per_class", 1,
+             "SoftTripleLoss.num_classes is for 5 classes, but its 10 proxies"),
+        ]  # fmt: skip
+        for loss_class, kwargs, attr, value, message in cases:
+            with self.subTest(loss=loss_class.__name__):
+                inner = loss_class(
+                    num_classes=5, embedding_size=EMBEDDING_SIZE, **kwargs
+                )
+                wrapper = ProxySynthesisLoss(inner)
+                setattr(inner, attr, value)
+                for mode in (wrapper.train, wrapper.eval):
+                    mode()
+                    with self.assertRaisesRegex(ValueError, message):
+                        wrapper(emb, labels)
+                with self.assertRaisesRegex(ValueError, message):
+                    ProxySynthesisLoss(inner)
+
     def test_float16_rows_of_any_finite_norm(self):
         """float16 rows with a tiny (< 1.5e-5, whose reciprocal overflows) or a huge
         (> 65504) norm give the loss of the same rows at a normal scale, not NaN: the
