@@ -89,6 +89,8 @@ EXCLUDED_FONT_PATTERNS: dict[str, str] = {
 #: Unicode general categories kept: letters, numbers, symbols, other punctuation.
 CATEGORIES: tuple[str, ...] = ("L", "N", "S", "Po")
 SPLITS: tuple[str, ...] = ("train", "test", "train+test")
+# classes a dataset needs: two per split (a split of one class has nothing to rank)
+MIN_CLASSES = 4
 
 _FORMAT_VERSION = 1
 _FONT_SIZE_RATIO = 0.75  # font size in pixels per pixel of image side
@@ -475,11 +477,15 @@ def _select_classes(
     )
     if config["max_classes"] is not None:
         order = order[: config["max_classes"]]
-    if len(order) < 2:
+    if len(order) < MIN_CLASSES:
+        # each split needs two classes: one class is nothing to tell apart
+        removed = int((~keep).sum())
         raise ValueError(
-            f"only {len(order)} character(s) are drawn by at least "
-            f"min_fonts={min_fonts} of the {len(fonts)} fonts; "
-            "lower min_fonts or widen characters"
+            f"{len(order)} character(s) left, {MIN_CLASSES} needed (2 per split): "
+            f"{len(candidates)} drawn by at least min_fonts={min_fonts} of the "
+            f"{len(fonts)} fonts, {removed} of them removed as homoglyphs "
+            f"(homoglyph_threshold={config['homoglyph_threshold']}); lower min_fonts "
+            "or homoglyph_threshold, or widen characters"
         )
     n_train = len(order) - len(order) // 2
     test_rows = set(order[n_train:])
@@ -705,7 +711,8 @@ class Glyphs(Dataset):
       renders is below ``homoglyph_threshold`` in at least half of the fonts
       drawing both; the lowest code point of a group is kept. The classes are
       shuffled by ``split_seed``, cut to ``max_classes`` and split in half:
-      train and test have disjoint classes (train gets the odd one).
+      train and test have disjoint classes (train gets the odd one). At least
+      :data:`MIN_CLASSES` (4) must be left, two per split, else a ``ValueError``.
     * images: per (character, font), one clean render centred by its ink box
       plus ``augmentations_per_font`` variants (rotation ±10°, scale 0.85-1.15,
       shift ±3/64 of the side, 3x3 dilation 40% of the time, Gaussian noise
@@ -761,7 +768,7 @@ class Glyphs(Dataset):
         split_seed = check_int("split_seed", split_seed, 0)
         min_fonts = check_int("min_fonts", min_fonts, 1)
         if max_classes is not None:
-            max_classes = check_int("max_classes", max_classes, 2)
+            max_classes = check_int("max_classes", max_classes, MIN_CLASSES)
         if not (is_finite_real(homoglyph_threshold) and 0 <= homoglyph_threshold < 1):
             raise ValueError(
                 f"homoglyph_threshold must be in [0, 1), got {homoglyph_threshold!r}"

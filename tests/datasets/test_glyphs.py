@@ -355,8 +355,8 @@ class TestHomoglyphs(SmallGlyphsCase):
             tempfile.TemporaryDirectory() as root,
             mock.patch.object(glyphs, "_render_clean", blank_in_dejavu_sans),
         ):
-            ds = small(root, characters="A£7<")
-        self.assertEqual(sorted(ds.classes), sorted("A7<"))
+            ds = small(root, characters="A£7<B")
+        self.assertEqual(sorted(ds.classes), sorted("A7<B"))
         fonts = set(ds.font_indices[ds.labels == ds.classes.index("A")].tolist())
         self.assertEqual(len(fonts), 4)
         self.assertNotIn(ds.fonts.index("DejaVuSans"), fonts)
@@ -528,7 +528,7 @@ class TestErrors(TempRootCase):
         self.assert_value_error("augmentations_per_font", augmentations_per_font=-1)
         self.assert_value_error("min_fonts", min_fonts=0)
         self.assert_value_error("min_fonts=6 exceeds the 5 fonts", min_fonts=6)
-        self.assert_value_error("max_classes", max_classes=1)
+        self.assert_value_error("max_classes must be an int >= 4", max_classes=3)
         self.assert_value_error("seed", seed=-1)
         self.assert_value_error("homoglyph_threshold", homoglyph_threshold=1.5)
         self.assert_value_error("characters", characters=["AB"])
@@ -544,6 +544,14 @@ class TestErrors(TempRootCase):
         )
         self.assert_value_error("extra_font_dirs", extra_font_dirs="/no/such/dir")
         self.assert_value_error("min_fonts", characters="AΑ")  # 1 class left
+        # 3 classes: one split would have a single class
+        self.assert_value_error("3 character(s) left, 4 needed", characters="ABC")
+        # the characters are drawn, but removed as homoglyphs: the message says so
+        self.assert_value_error(
+            "removed as homoglyphs (homoglyph_threshold=0.99)",
+            characters="ABCDEF",
+            homoglyph_threshold=0.99,
+        )
         self.assertEqual(list(Path(self.root).iterdir()), [])
 
     def test_no_candidate_character_is_the_documented_error(self):
@@ -927,7 +935,7 @@ class TestSelectionAndRendering(TempRootCase):
                     table.cmap[0x410] = "A"
             font.save(str(Path(extra) / "Shared.ttf"))
             ds = Glyphs(self.root, font_files=["DejaVuSerif.ttf"],
-                        extra_font_dirs=[extra], min_fonts=2, characters="AАB",
+                        extra_font_dirs=[extra], min_fonts=2, characters="AАBC",
                         homoglyph_threshold=0.0)  # fmt: skip
             self.assertIn("А", ds.classes)
 
