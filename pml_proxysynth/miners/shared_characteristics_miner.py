@@ -156,7 +156,13 @@ class SharedCharacteristicsMiner(BaseMiner):
             raise ValueError("SharedCharacteristicsMiner requires labels")
         same_ref = ref_emb is embeddings
         device = embeddings.device
-        if embeddings.shape[1] == 0 or ref_emb.shape[1] == 0:
+        if embeddings.ndim != 2 or ref_emb.shape[1:] != embeddings.shape[1:]:
+            raise ValueError(
+                "SharedCharacteristicsMiner needs embeddings and ref_emb of shape "
+                f"[N, D] with the same D, got {tuple(embeddings.shape)} and "
+                f"{tuple(ref_emb.shape)}"
+            )
+        if embeddings.shape[1] == 0:
             raise ValueError(
                 "SharedCharacteristicsMiner needs embeddings with at least one "
                 f"column, got sizes {tuple(embeddings.shape)} and {tuple(ref_emb.shape)}"

@@ -590,6 +590,15 @@ class TestSharedCharacteristicsMinerEdgeCases(unittest.TestCase):
         with self.assertRaisesRegex(ValueError, "at least one column"):
             SharedCharacteristicsMiner()(torch.zeros(6, 0).to(TEST_DEVICE), labels)
 
+    def test_shapes_other_than_n_by_d_raise(self):
+        labels = torch.arange(6).to(TEST_DEVICE)
+        miner = SharedCharacteristicsMiner()
+        emb = torch.randn(6, 4).to(TEST_DEVICE)
+        with self.assertRaisesRegex(ValueError, r"shape \[N, D\].*\(6, 2, 2\)"):
+            miner(emb.reshape(6, 2, 2), labels)
+        with self.assertRaisesRegex(ValueError, r"same D, got \(6, 4\) and \(6, 3\)"):
+            miner(emb, labels, torch.randn(6, 3).to(TEST_DEVICE), labels)
+
     def test_large_finite_values_are_accepted(self):
         emb = torch.full((8, 4), 6.0e4, dtype=torch.float16).to(TEST_DEVICE)
         emb[::2] *= -1
