@@ -417,6 +417,10 @@ class ProxySynthesisLoss(BaseMetricLossFunction):
                 f"embeddings must have shape [B, {dim}] to match the proxies of "
                 f"{type(self.loss).__name__}, got {list(embeddings.shape)}"
             )
+        if not embeddings.dtype.is_floating_point:
+            raise ValueError(
+                f"embeddings must be floating point, got dtype {embeddings.dtype}"
+            )
         if labels.dtype.is_floating_point or labels.dtype == torch.bool:
             raise ValueError(f"labels must be integers, got dtype {labels.dtype}")
         num_classes = self._num_classes()

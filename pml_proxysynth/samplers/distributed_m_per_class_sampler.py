@@ -11,6 +11,9 @@ from torch.utils.data import Sampler
 
 from ..utils.checks import check_int
 
+# the draws are seeded by numpy's RandomState([seed, epoch]), whose words are uint32
+_MAX_SEED_WORD = 2**32 - 1
+
 
 class DistributedMPerClassSampler(Sampler[int]):
     """Splits each batch of PML's ``MPerClassSampler`` across the ranks.
@@ -63,10 +66,7 @@ class DistributedMPerClassSampler(Sampler[int]):
         rank = check_int("rank", rank, 0)
         if rank >= num_replicas:
             raise ValueError(f"rank must lie in [0, {num_replicas}), got {rank}")
-        # numpy's RandomState takes seed words in [0, 2**32)
-        seed = check_int("seed", seed, 0)
-        if seed >= 2**32:
-            raise ValueError(f"seed must be < 2**32, got {seed}")
+        seed = check_int("seed", seed, 0, _MAX_SEED_WORD)
         if batch_size % m:
             raise ValueError(
                 f"batch_size ({batch_size}) must be a multiple of m ({m}), so that each "
@@ -91,7 +91,7 @@ class DistributedMPerClassSampler(Sampler[int]):
 
     def set_epoch(self, epoch: int) -> None:
         """Like ``DistributedSampler.set_epoch``: new draws for each epoch."""
-        self.epoch = epoch
+        self.epoch = check_int("epoch", epoch, 0, _MAX_SEED_WORD)
 
     def __len__(self) -> int:
         return (

@@ -8,15 +8,21 @@ import numpy as np
 import torch
 
 
-def check_int(name: str, value: object, minimum: int = 1) -> int:
+def check_int(
+    name: str, value: object, minimum: int = 1, maximum: Optional[int] = None
+) -> int:
     """``value`` as a Python int (numpy integers accepted), or a ``ValueError`` naming
-    the argument if it is not an integer (bools included) or is below ``minimum``.
-    (A ``ValueError`` for the wrong type too, as every other argument check of the
-    package raises.)"""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value}")
+    the argument if it is not an integer (bools included) or lies outside [minimum,
+    maximum]. (A ``ValueError`` for the wrong type too, as every other argument
+    check of the package raises.)"""
+    requirement = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, numbers.Integral)
+        or value < minimum
+        or (maximum is not None and value > maximum)
+    ):
+        raise ValueError(f"{name} must be an int {requirement}, got {value!r}")
     return int(value)
 
 

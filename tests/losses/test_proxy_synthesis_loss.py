@@ -1329,6 +1329,11 @@ class TestBadInput(unittest.TestCase):
         for dtype in (torch.float32, torch.bool):
             with self.assertRaisesRegex(ValueError, "labels must be integers"):
                 self.wrapper(self.emb, self.labels.to(dtype))
+        for dtype in (torch.int64, torch.bool, torch.complex64):
+            with self.assertRaisesRegex(
+                ValueError, "embeddings must be floating point"
+            ):
+                self.wrapper(self.emb.to(dtype), self.labels)
 
     def test_label_range_counts_classes_not_centres(self):
         """Multi-centre losses hold C*k proxies for C classes: the labels must lie in

@@ -153,6 +153,19 @@ class TestDistributedMPerClassSampler(unittest.TestCase):
                     )
                     self.assertEqual((sampler.num_replicas, sampler.rank), expected)
 
+    def test_set_epoch_takes_a_seed_word(self):
+        sampler = DistributedMPerClassSampler(
+            make_labels(), M, BATCH_SIZE, LENGTH, num_replicas=WORLD_SIZE, rank=0
+        )
+        sampler.set_epoch(np.int64(2**32 - 1))
+        self.assertEqual(len(list(sampler)), len(sampler))
+        for epoch in (-1, 2**32, 1.0, None):
+            with self.subTest(epoch=epoch):
+                with self.assertRaisesRegex(
+                    ValueError, r"epoch must be an int in \[0, "
+                ):
+                    sampler.set_epoch(epoch)
+
     def test_numpy_integer_arguments(self):
         sampler = DistributedMPerClassSampler(
             make_labels(), np.int64(M), np.int32(BATCH_SIZE), np.int64(LENGTH),
@@ -180,9 +193,12 @@ class TestDistributedMPerClassSampler(unittest.TestCase):
             (dict(num_replicas=2.0), "num_replicas must be an int >= 1, got 2.0"),
             (dict(rank=1.0), "rank must be an int >= 0, got 1.0"),
             (dict(rank=True), "rank must be an int >= 0, got True"),
-            (dict(seed=-1), "seed must be an int >= 0, got -1"),
-            (dict(seed="3"), "seed must be an int >= 0, got '3'"),
-            (dict(seed=2**32), r"seed must be < 2\*\*32"),
+            (dict(seed=-1), r"seed must be an int in \[0, 4294967295\], got -1"),
+            (dict(seed="3"), r"seed must be an int in \[0, 4294967295\], got '3'"),
+            (
+                dict(seed=2**32),
+                r"seed must be an int in \[0, 4294967295\], got 4294967296",
+            ),
             # 10 classes of m = 2 rows fill a global batch of 20 at most, not 3 x 8
             (dict(batch_size=8), r"3 ranks x batch_size 8\) needs 12 classes"),
             (dict(num_replicas=None), "process group"),

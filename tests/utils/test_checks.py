@@ -26,11 +26,18 @@ class TestCheckInt(unittest.TestCase):
                 self.assertEqual(got, int(value))
                 self.assertIs(type(got), int)
 
+    def test_an_upper_bound(self):
+        self.assertEqual(check_int("word", 2**32 - 1, 0, 2**32 - 1), 2**32 - 1)
+        with self.assertRaisesRegex(
+            ValueError, r"^word must be an int in \[0, 4294967295\], got 4294967296$"
+        ):
+            check_int("word", 2**32, 0, 2**32 - 1)
+
     def test_non_integers_and_small_values_name_the_argument(self):
         for value, minimum, shown in [
             (0, 1, "0"),
             (-2, 0, "-2"),
-            (np.int64(1), 2, "1"),
+            (np.int64(1), 2, "np.int64\\(1\\)"),
             (True, 0, "True"),  # a bool is not a count
             (2.0, 1, "2.0"),
             ("3", 1, "'3'"),
