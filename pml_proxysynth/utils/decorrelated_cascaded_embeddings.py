@@ -5,6 +5,8 @@ from typing import Optional, Sequence
 import torch
 from pytorch_metric_learning.trainers import CascadedEmbeddings
 
+from .checks import is_finite_real
+
 DECORRELATION_KEY = "decorrelation_loss"
 
 
@@ -29,6 +31,12 @@ class DecorrelatedCascadedEmbeddings(CascadedEmbeddings):
             raise ValueError(
                 f"{DECORRELATION_KEY} has embedding_sizes {list(loss_sizes)}, "
                 f"but the trainer has {list(embedding_sizes)}"
+            )
+        weight = self.loss_weights.get(DECORRELATION_KEY, 0)
+        if not (is_finite_real(weight) and weight >= 0):  # < 0 would skip it silently
+            raise ValueError(
+                f"loss_weights[{DECORRELATION_KEY!r}] must be a finite number >= 0 "
+                f"(0 switches it off; its rho sets the strength), got {weight!r}"
             )
         self._embeddings: Optional[torch.Tensor] = None
 

@@ -397,6 +397,17 @@ class TestDecorrelatedCascadedEmbeddings(unittest.TestCase):
             DecorrelatedCascadedEmbeddings, self.x, self.labels, 1, rho=5
         )
         self.assertIn("decorrelation_loss_optimizer", trainer.optimizers)
+        for weight in (-1, float("nan")):
+            with self.assertRaisesRegex(ValueError, "must be a finite number >= 0"):
+                DecorrelatedCascadedEmbeddings(
+                    [8, 8],
+                    models=trainer.models,
+                    optimizers={},
+                    batch_size=8,
+                    loss_funcs=trainer.loss_funcs,
+                    loss_weights=dict(trainer.loss_weights, decorrelation_loss=weight),
+                    dataset=None,
+                )
         with self.assertRaises(ValueError):
             DecorrelatedCascadedEmbeddings(
                 [8, 4],
