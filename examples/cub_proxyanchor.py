@@ -568,6 +568,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         args.device = str(torch.device(args.device))
     except RuntimeError as e:
         parser.error(f"--device: {e}")
+    if torch.device(args.device).type not in ("cpu", "cuda"):
+        parser.error(f"--device {args.device}: the example runs on cpu or cuda")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error("--device cuda: CUDA is not available here (use --device cpu)")
     return args
@@ -810,6 +812,7 @@ def build_dataset(args: argparse.Namespace, split: str, transform=None):
 
 def build_datasets(args: argparse.Namespace) -> Tuple[Any, Any]:
     """(train, test) datasets with their transforms, subsampled as the flags ask."""
+    check_folder(args.data_root, "--data-root")
     train_tf, test_tf = build_transforms(args)
     train = subsample(
         build_dataset(args, "train", train_tf), args.max_train_images, args.seed
@@ -1287,6 +1290,9 @@ def plot_synthetic_batch(
     rng = np.random.default_rng(args.seed)
     counts = np.bincount(labels)
     candidates = np.flatnonzero(counts >= 2)
+    if len(candidates) == 0:  # a pair needs two classes with rows, a class 2 images
+        logger.warning("no training class has 2 images: no synthetic-batch figure")
+        return
     chosen = rng.choice(candidates, size=min(classes, len(candidates)), replace=False)
     indices = np.concatenate(
         [
@@ -1538,8 +1544,20 @@ def _intact(path: str) -> bool:
         return False
 
 
+def check_folder(path: str, flag: str) -> None:
+    """SetupError if the folder ``path`` cannot be made: it, or the nearest of its
+    parents that exists, is a file."""
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise SetupError(f"{flag} {path}: {existing} is a file, not a folder")
+
+
 def check_output_dir(args: argparse.Namespace) -> None:
-    """Refuses to mix runs in --output-dir (see --resume / --overwrite); changes nothing."""
+    """Refuses to mix runs in --output-dir (see --resume / --overwrite), and an
+    --output-dir that cannot be made; changes nothing."""
+    check_folder(args.output_dir, "--output-dir")
     model_folder = os.path.join(args.output_dir, "models")
     has_run = os.path.isdir(model_folder) and any(
         f.endswith(".pth") for f in os.listdir(model_folder)

@@ -84,7 +84,9 @@ def plot_learning_curves(
     for name, values in accuracy_history.items():
         if name.endswith("_level0") and len(values) == len(epochs) > 0:
             label = metric_label(name[: -len("_level0")])
-            ax_acc.plot(epochs, [100 * v for v in values], marker="o", label=label)
+            # PML records a NaN metric (no query with a same-class reference) as None
+            percent = 100 * np.asarray(values, dtype=float)
+            ax_acc.plot(epochs, percent, marker="o", label=label)
     ax_acc.set(xlabel="epoch", ylabel="%", title="evaluation")
     for ax in (ax_loss, ax_acc):
         if ax.lines:

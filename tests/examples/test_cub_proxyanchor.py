@@ -725,6 +725,32 @@ def test_missing_image_file_is_named(ex, cub_root, tmp_path, capsys):
     assert str(victim) in err and "Traceback" not in err
 
 
+def test_folders_that_are_files_are_named(ex, tmp_path, capsys):
+    """An --output-dir or --data-root that is (or lies under) a file: one message
+    before any data is loaded or rendered, not a traceback after it."""
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    glyphs = ["--dataset", "glyphs", "--device", "cpu", "--no-plots"]
+    for flags, flag, path in [
+        (["--output-dir", str(a_file), "--data-root", str(tmp_path)], "--output-dir", a_file),
+        (["--output-dir", str(a_file / "sub")], "--output-dir", a_file / "sub"),
+        (["--data-root", str(a_file), "--output-dir", str(tmp_path / "o")], "--data-root", a_file),
+    ]:  # fmt: skip
+        assert ex.main(glyphs + flags) == 1
+        err = capsys.readouterr().err
+        assert f"{flag} {path}: {a_file} is a file, not a folder" in err
+        assert "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
+
+
+def test_synthetic_batch_figure_needs_a_class_of_two_images(ex, tmp_path, caplog):
+    dataset = SimpleNamespace(labels=[0, 1, 2, 3])  # one image per class
+    path = tmp_path / "synthetic_batch.png"
+    ex.plot_synthetic_batch(None, {}, dataset, SimpleNamespace(seed=0), str(path))
+    assert not path.exists()
+    assert "no training class has 2 images" in caplog.text
+
+
 @pytest.mark.parametrize("workers", ["0", "1"])
 def test_corrupt_image_file_is_named(ex, cub_root, tmp_path, capsys, workers):
     victim = next((cub_root / "CUB_200_2011" / "images").glob("103.*/*.jpg"))
@@ -852,6 +878,8 @@ def test_resume_with_another_seed_of_a_subsampled_run_is_one_message(ex, cub_roo
         (["--loss", "arcface", "--loss-kwargs", '{"num_classes": 2}'], "num_classes"),
         (["--loss", "triplet"], "invalid choice"),
         (["--epochs", "0"], "must be > 0"),
+        # the example's code paths are for cpu and cuda (autocast, DDP, the loader)
+        (["--device", "meta"], "--device meta: the example runs on cpu or cuda"),
         # numpy's global RNG (seeded for PML's samplers) takes 0 to 2**32 - 1
         (["--seed", "-1"], "--seed: must be in [0, 2**32 - 1], got -1"),
         (["--seed", str(2**32)], "--seed: must be in [0, 2**32 - 1]"),

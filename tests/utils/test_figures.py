@@ -116,6 +116,20 @@ def test_learning_curves_draw_every_loss(tmp_path):
     assert drawn == logged + ["R@1"]
 
 
+def test_learning_curves_take_metrics_recorded_as_none(tmp_path, kept_figures):
+    """PML records a NaN metric (no test query with a same-class reference) as None:
+    a gap in the curve, not a TypeError that loses the run's results."""
+    drawn = plot_learning_curves(
+        {"~iteration~": [0, 5], "total_loss": [2.0, 1.0]},
+        {"epoch": [1, 2], "recall_at_1_level0": [None, 0.5]},
+        str(tmp_path / "c.png"),
+    )
+    assert drawn == ["total_loss", "R@1"]
+    (fig,) = kept_figures
+    line = fig.axes[1].lines[0]
+    np.testing.assert_array_equal(line.get_ydata(), [np.nan, 50.0])
+
+
 def test_metric_label():
     assert metric_label("recall_at_4") == "R@4"
     assert metric_label("mean_average_precision_at_r") == "MAP@R"
