@@ -1506,6 +1506,21 @@ def add_run_state(trainer, hooks: logging_presets.HookContainer) -> None:
         hooks.saveable_trainer_objects.append("run_state")
 
 
+def patience_exhausted_at(
+    hooks, tester, epoch: int, args: argparse.Namespace
+) -> Optional[int]:
+    """The best epoch, if a run checkpointed at ``epoch`` had run out of --patience
+    (PML's test: more than patience epochs after the best), else None."""
+    if epoch % args.test_interval:  # PML tests patience only after an evaluation
+        return None
+    # the tester names its record tables after the splits of its last test
+    tester.reference_split_names.setdefault(TEST_SPLIT, [TEST_SPLIT])
+    best_epoch, _ = hooks.get_best_epoch_and_accuracy(tester, TEST_SPLIT)
+    if best_epoch is not None and epoch - best_epoch > args.patience:
+        return best_epoch
+    return None
+
+
 def check_checkpoint(hooks, trainer, model_folder: str) -> None:
     """SetupError unless the latest checkpoint in ``model_folder`` has a file for every
     object PML's hooks load: their loader only logs a missing file and goes on with the
@@ -1805,20 +1820,50 @@ def _run(args: argparse.Namespace, rank: int) -> Dict[str, Any]:
             end_warmup(trainer)
         if args.world_size > 1:  # the shuffle of the epoch to come, as end_of_epoch
             trainer.sampler.set_epoch(start_epoch - 1)
-    if start_epoch <= args.epochs:
+    # a resumed run that --patience had stopped stays stopped, as it would have
+    best_epoch = None
+    if args.resume and args.patience is not None and start_epoch <= args.epochs:
+        if rank == 0:
+            best_epoch = patience_exhausted_at(hooks, tester, start_epoch - 1, args)
+        if args.world_size > 1:  # rank 0 decides for every rank
+            box = [best_epoch]
+            dist.broadcast_object_list(box, src=0)
+            best_epoch = box[0]
+    trained = start_epoch <= args.epochs and best_epoch is None
+    if trained:
         with _quiet_pml():
             trainer.train(start_epoch=start_epoch, num_epochs=args.epochs)
     else:
-        logger.info("nothing to train: the run already has %d epochs", start_epoch - 1)
+        if best_epoch is not None:
+            logger.info(
+                "nothing to train: the run stopped early at epoch %d, %d epochs after "
+                "its best (%d), more than --patience %d; resume with a larger "
+                "--patience to train on",
+                start_epoch - 1,
+                start_epoch - 1 - best_epoch,
+                best_epoch,
+                args.patience,
+            )
+        else:
+            logger.info(
+                "nothing to train: the run already has %d epochs", start_epoch - 1
+            )
         trainer.epoch = start_epoch - 1
     if args.world_size > 1:  # training is over; what follows is rank 0's alone
         dist.destroy_process_group()
         trainer.models = unwrapped(trainer.models)
     if rank != 0:
         return {}
-    if start_epoch > args.epochs:
+    if not trained:
         # The tester names its record tables after the splits of its last test.
         tester.reference_split_names.setdefault(TEST_SPLIT, [TEST_SPLIT])
+    if trainer.epoch < args.epochs:
+        logger.info(
+            "stopped early at epoch %d of %d (--patience %s)",
+            trainer.epoch,
+            args.epochs,
+            args.patience,
+        )
 
     history = hooks.get_accuracy_history(tester, TEST_SPLIT, return_all_metrics=True)
     best, last = _best_and_last(history, args.primary_metric)
@@ -1827,6 +1872,7 @@ def _run(args: argparse.Namespace, rank: int) -> Dict[str, Any]:
         "loss": args.loss + (" + proxy synthesis" if args.ps else ""),
         "shared_head": args.shared_head,
         "epochs": last.get("epoch"),
+        "stopped_early": trainer.epoch < args.epochs,  # by --patience
         "best_epoch": best.get("epoch"),
         "best": best,
         "last": last,

@@ -1400,7 +1400,7 @@ def test_head_weightings_are_what_their_names_say(ex):
             assert weights == (float(a), float(b)), name
 
 
-def test_test_interval_and_patience(ex, cub_root, tmp_path):
+def test_test_interval_and_patience(ex, cub_root, tmp_path, caplog):
     out = tmp_path / "interval"
     assert ex.main(small_cub(cub_root, out, "--epochs", "2", "--test-interval", "2")) == 0  # fmt: skip
     assert accuracy_epochs(out) == [2]
@@ -1410,7 +1410,20 @@ def test_test_interval_and_patience(ex, cub_root, tmp_path):
     flags = small_cub(cub_root, out, "--epochs", "5", "--patience", "1", "--lr", "1e-30")  # fmt: skip
     assert ex.main(flags) == 0
     assert accuracy_epochs(out) == [1, 2, 3]
+    results = json.loads((out / "results.json").read_text())
+    assert (results["epochs"], results["stopped_early"]) == (3, True)
+    # resumed, a run that --patience stopped stays stopped (it trained one more
+    # epoch per resume); with more patience it trains on
+    with caplog.at_level(logging.INFO, logger="cub_proxyanchor"):
+        assert ex.main(flags + ["--resume"]) == 0
+    assert "nothing to train: the run stopped early at epoch 3" in caplog.text
+    assert accuracy_epochs(out) == [1, 2, 3]
     assert json.loads((out / "results.json").read_text())["epochs"] == 3
+    patient = [f if f != "1" or flags[i - 1] != "--patience" else "3"
+               for i, f in enumerate(flags)]  # fmt: skip
+    assert ex.main(patient + ["--resume"]) == 0
+    assert accuracy_epochs(out) == [1, 2, 3, 4, 5]
+    assert not json.loads((out / "results.json").read_text())["stopped_early"]
 
 
 def test_overwrite_leaves_nothing_of_the_earlier_run(ex, cub_root, tmp_path):
