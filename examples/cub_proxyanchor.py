@@ -1724,11 +1724,14 @@ def _run(args: argparse.Namespace, rank: int) -> Dict[str, Any]:
     on_rank_zero_first(args, rank, lambda: prepare_output_dir(args), everywhere=False)
     model_folder = os.path.join(args.output_dir, "models")
     num_classes = count_classes(train_dataset)
+    train_classes = len(np.unique(np.asarray(train_dataset.labels)))
     logger.info(
-        "%s: %d training images of %d classes, %d test images of %d classes",
+        "%s: %d training images of %d classes%s, %d test images of %d classes",
         args.dataset,
         len(train_dataset),
-        num_classes,
+        train_classes,
+        # a subsample (--max-train-images) may miss classes, which keep their proxies
+        "" if train_classes == num_classes else f" ({num_classes} proxy classes)",
         len(test_dataset),
         len(np.unique(np.asarray(test_dataset.labels))),
     )

@@ -6,6 +6,7 @@ import logging
 import math
 import os
 import random
+import re
 import sqlite3
 import subprocess
 import sys
@@ -741,6 +742,18 @@ def test_folders_that_are_files_are_named(ex, tmp_path, capsys):
         assert f"{flag} {path}: {a_file} is a file, not a folder" in err
         assert "Traceback" not in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
+
+
+def test_the_log_counts_the_classes_of_the_subsample(ex, cub_root, tmp_path, caplog):
+    """2 of the 24 training images cover at most 2 of the 4 classes, which all keep
+    their proxies: the log said "2 training images of 4 classes"."""
+    flags = small_cub(cub_root, tmp_path / "out", "--max-train-images", "2",
+                      "--batch-size", "2", "--no-ps")  # fmt: skip
+    with caplog.at_level(logging.INFO, logger="cub_proxyanchor"):
+        assert ex.main(flags) == 0
+    assert re.search(
+        r"2 training images of [12] classes \(4 proxy classes\)", caplog.text
+    )
 
 
 def test_synthetic_batch_figure_needs_a_class_of_two_images(ex, tmp_path, caplog):
