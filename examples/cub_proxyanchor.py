@@ -1513,8 +1513,6 @@ def patience_exhausted_at(
     (PML's test: more than patience epochs after the best), else None."""
     if epoch % args.test_interval:  # PML tests patience only after an evaluation
         return None
-    # the tester names its record tables after the splits of its last test
-    tester.reference_split_names.setdefault(TEST_SPLIT, [TEST_SPLIT])
     best_epoch, _ = hooks.get_best_epoch_and_accuracy(tester, TEST_SPLIT)
     if best_epoch is not None and epoch - best_epoch > args.patience:
         return best_epoch
@@ -1764,6 +1762,9 @@ def _run(args: argparse.Namespace, rank: int) -> Dict[str, Any]:
             log_freq=args.log_freq,
         )
         tester = build_tester(args, end_of_testing_hook=hooks.end_of_testing_hook)
+        # The tester names its record tables after the splits of its last test; a
+        # resumed run reads them before (or without) a test in this process.
+        tester.reference_split_names[TEST_SPLIT] = [TEST_SPLIT]
         evaluate_and_save = hooks.end_of_epoch_hook(
             tester,
             {TEST_SPLIT: test_dataset},
@@ -1832,8 +1833,7 @@ def _run(args: argparse.Namespace, rank: int) -> Dict[str, Any]:
             box = [best_epoch]
             dist.broadcast_object_list(box, src=0)
             best_epoch = box[0]
-    trained = start_epoch <= args.epochs and best_epoch is None
-    if trained:
+    if start_epoch <= args.epochs and best_epoch is None:
         with _quiet_pml():
             trainer.train(start_epoch=start_epoch, num_epochs=args.epochs)
     else:
@@ -1857,10 +1857,8 @@ def _run(args: argparse.Namespace, rank: int) -> Dict[str, Any]:
         trainer.models = unwrapped(trainer.models)
     if rank != 0:
         return {}
-    if not trained:
-        # The tester names its record tables after the splits of its last test.
-        tester.reference_split_names.setdefault(TEST_SPLIT, [TEST_SPLIT])
-    if trainer.epoch < args.epochs:
+    stopped_early = trainer.epoch < args.epochs  # by --patience
+    if stopped_early:
         logger.info(
             "stopped early at epoch %d of %d (--patience %s)",
             trainer.epoch,
@@ -1875,7 +1873,7 @@ def _run(args: argparse.Namespace, rank: int) -> Dict[str, Any]:
         "loss": args.loss + (" + proxy synthesis" if args.ps else ""),
         "shared_head": args.shared_head,
         "epochs": last.get("epoch"),
-        "stopped_early": trainer.epoch < args.epochs,  # by --patience
+        "stopped_early": stopped_early,
         "best_epoch": best.get("epoch"),
         "best": best,
         "last": last,
